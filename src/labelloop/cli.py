@@ -1,0 +1,321 @@
+"""The `labelloop` command: thin wrappers that parse flags, build configs and call the library."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from .config import ConfigError, TrainConfig, load_config
+from .data import DataError
+from .model import CheckpointError, LoadMode
+from .store import ModelStore, StoreError
+
+logger = logging.getLogger("labelloop")
+
+app = typer.Typer(
+    name="labelloop",
+    help="Train a multi-label image classifier, evaluate it, and serve it to Label Studio.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+_USER_ERRORS = (ConfigError, DataError, StoreError, CheckpointError, FileNotFoundError)
+
+
+def _user_errors(func: F) -> F:
+    """Known input problems end the command with their message and exit code 2, no traceback."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except _USER_ERRORS as exc:
+            logger.error("%s", exc)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    # Third-party chatter at INFO drowns our own progress lines.
+    for noisy in ("matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+@app.callback()
+def _main(
+    log_level: Annotated[
+        str,
+        typer.Option(envvar="LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR."),
+    ] = "INFO",
+) -> None:
+    if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
+    configure_logging(log_level)
+
+
+# --- shared options ---------------------------------------------------------------------------
+
+ImagesOpt = Annotated[Path, typer.Option("--images", help="Folder the image column is relative to.")]
+MetadataOpt = Annotated[
+    Path | None, typer.Option("--metadata", help="Metadata CSV: an image column and label columns.")
+]
+ExportOpt = Annotated[
+    Path | None,
+    typer.Option("--labelstudio-export", help="Label Studio JSON export to use instead of a CSV."),
+]
+ModelDirOpt = Annotated[
+    Path, typer.Option("--model-dir", envvar="MODEL_DIR", help="Where versions are kept (MODEL_DIR).")
+]
+ImageColumnOpt = Annotated[
+    str | None, typer.Option("--image-column", help="CSV column with the image file name [image_id].")
+]
+LabelColumnsOpt = Annotated[
+    str | None,
+    typer.Option("--label-columns", help="Comma-separated label columns [components,defects]."),
+]
+
+
+def _data_overrides(image_column: str | None, label_columns: str | None) -> dict[str, Any]:
+    columns = None
+    if label_columns is not None:
+        columns = tuple(c.strip() for c in label_columns.split(",") if c.strip())
+    return {"image_column": image_column, "label_columns": columns}
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+@app.command("demo-data")
+@_user_errors
+def demo_data(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write images/, metadata.csv, label_config.xml.")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 600,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same files.")] = 0,
+    size: Annotated[int, typer.Option("--size", min=32, help="Image side in pixels.")] = 128,
+) -> None:
+    """Generate a deterministic demo dataset of synthetic inspection photos."""
+    from .demo import generate_demo_dataset
+
+    dataset = generate_demo_dataset(out, n=n, seed=seed, size=size, show_progress=True)
+    typer.echo(f"Wrote {dataset.n_images} images, {dataset.metadata_csv} and {dataset.label_config}")
+
+
+@app.command()
+@_user_errors
+def train(
+    model_dir: ModelDirOpt,
+    images: ImagesOpt,
+    metadata: MetadataOpt = None,
+    labelstudio_export: ExportOpt = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML/YAML/JSON config; flags override it.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs [20].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size [32].")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input side in pixels [224].")] = None,
+    backbone: Annotated[
+        str | None,
+        typer.Option(help="resnet18 (default), resnet34, resnet50, mobilenet_v2, "
+                          "mobilenet_v3_large, efficientnet_b0."),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="'imagenet' (torchvision, default), 'none' (random init) or a checkpoint file."),
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate [1e-3].")] = None,
+    patience: Annotated[int | None, typer.Option(help="Epochs without improvement before stopping [5].")] = None,
+    monitor: Annotated[str | None, typer.Option(help="Early-stopping metric: 'map' or 'loss'.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for the split and training [0].")] = None,
+    device: Annotated[str | None, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="DataLoader worker processes [0].")] = None,
+    image_column: ImageColumnOpt = None,
+    label_columns: LabelColumnsOpt = None,
+    allow_new_classes: Annotated[
+        bool, typer.Option(help="Train on labels outside the declared classes instead of stopping.")
+    ] = False,
+    init_from: Annotated[
+        Path | None, typer.Option(help="Start from a checkpoint file or model folder.")
+    ] = None,
+    init_mode: Annotated[
+        LoadMode, typer.Option(help="How --init-from is loaded.")
+    ] = LoadMode.compatible,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run with the same data and settings.")] = False,
+    materialize_splits: Annotated[
+        Path | None, typer.Option(help="Also hard-link the images into DIR/train, DIR/val, DIR/test.")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train a model, tune per-class thresholds, evaluate on the test split, publish a version."""
+    from .pipeline import DataSource, TrainOptions, run_training
+
+    data_overrides = _data_overrides(image_column, label_columns)
+    if allow_new_classes:
+        data_overrides["allow_new_classes"] = True
+    cfg = load_config(config).with_overrides(
+        {
+            "data": data_overrides,
+            "split": {"seed": seed},
+            "preprocess": {"image_size": image_size},
+            "model": {"backbone": backbone, "weights": weights},
+            "optim": {
+                "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience,
+                "monitor": monitor, "device": device, "num_workers": num_workers,
+            },
+        }
+    )
+    outcome = run_training(
+        cfg,
+        DataSource(images=images, metadata=metadata, labelstudio_export=labelstudio_export),
+        TrainOptions(
+            model_dir=model_dir, init_from=init_from, init_mode=init_mode, resume=resume,
+            materialize_splits_to=materialize_splits, show_progress=progress,
+        ),
+    )
+    if outcome is None:  # a non-zero torchrun rank
+        return
+    typer.echo(f"Published {outcome.version} in {outcome.version_dir}")
+    if outcome.test_metrics is not None:
+        m = outcome.test_metrics
+        typer.echo(
+            f"Test: macro-F1 {_fmt(m.get('f1_macro'))}  micro-F1 {_fmt(m.get('f1_micro'))}  "
+            f"mAP {_fmt(m.get('mAP'))}  ({m.get('n_samples')} images)"
+        )
+        typer.echo(f"Report: {outcome.report}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+@app.command()
+@_user_errors
+def evaluate(
+    model_dir: Annotated[Path, typer.Option("--model-dir", envvar="MODEL_DIR", help="MODEL_DIR, a version folder, or old loose files.")],
+    images: ImagesOpt,
+    out: Annotated[Path, typer.Option("--out", help="Folder for predictions.csv, metrics.json, report.md.")],
+    metadata: MetadataOpt = None,
+    labelstudio_export: ExportOpt = None,
+    image_column: ImageColumnOpt = None,
+    label_columns: LabelColumnsOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = "auto",
+) -> None:
+    """Evaluate a stored model on any labelled set and write a report."""
+    from .pipeline import DataSource, evaluate_model
+
+    data_cfg = TrainConfig().with_overrides({"data": _data_overrides(image_column, label_columns)}).data
+    report = evaluate_model(
+        model_dir, DataSource(images=images, metadata=metadata, labelstudio_export=labelstudio_export),
+        out, data_cfg, batch_size=batch_size, device_spec=device,
+    )
+    typer.echo(f"macro-F1 {_fmt(report.metrics.get('f1_macro'))}  mAP {_fmt(report.metrics.get('mAP'))}")
+    typer.echo(f"Report: {report.report_md}")
+
+
+@app.command()
+@_user_errors
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files to classify.")],
+    model_dir: Annotated[Path, typer.Option("--model-dir", envvar="MODEL_DIR", help="MODEL_DIR, a version folder, or old loose files.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Write a CSV here instead of printing.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = "auto",
+) -> None:
+    """Predict labels for images with the current (or given) model."""
+    from .pipeline import predict_images
+
+    frame = predict_images(model_dir, images, batch_size=batch_size, device_spec=device)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(out, index=False)
+        typer.echo(f"Wrote {len(frame)} predictions to {out}")
+    else:
+        typer.echo(frame.to_csv(index=False), nl=False)
+
+
+@app.command()
+@_user_errors
+def versions(model_dir: ModelDirOpt) -> None:
+    """List the versions in MODEL_DIR with their test metrics; * marks the current one."""
+    store = ModelStore(model_dir)
+    current = store.current_version()
+    for name in store.versions():
+        test = store.manifest(name).metrics.get("test", {})
+        mark = "*" if name == current else " "
+        typer.echo(f"{mark} {name}  macro-F1 {_fmt(test.get('f1_macro'))}  mAP {_fmt(test.get('mAP'))}")
+
+
+@app.command()
+@_user_errors
+def rollback(
+    version: Annotated[str, typer.Argument(help="A version listed by `labelloop versions`.")],
+    model_dir: ModelDirOpt,
+) -> None:
+    """Make VERSION the current model again."""
+    ModelStore(model_dir).set_current(version)
+    typer.echo(f"current -> {version}")
+
+
+@app.command()
+@_user_errors
+def demo(
+    workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo data and model go.")] = Path("demo"),
+    n: Annotated[int, typer.Option(help="Demo images to generate.")] = 600,
+    size: Annotated[int, typer.Option(help="Demo image side in pixels.")] = 128,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 15,
+) -> None:
+    """The main job on embedded defaults: demo data -> train -> evaluate -> report."""
+    from .demo import LABEL_GROUPS, generate_demo_dataset
+    from .pipeline import DataSource, TrainOptions, run_training
+
+    data_dir = workdir / "data"
+    if not (data_dir / "metadata.csv").is_file():
+        generate_demo_dataset(data_dir, n=n, size=size, show_progress=True)
+    cfg = TrainConfig().with_overrides(
+        {
+            "data": {"classes": {g: list(c) for g, c in LABEL_GROUPS.items()}},
+            "preprocess": {"image_size": min(size, 112)},
+            "model": {"weights": "none"},
+            "optim": {"epochs": epochs, "patience": 4, "batch_size": 32, "lr": 2e-3},
+        }
+    )
+    outcome = run_training(
+        cfg,
+        DataSource(images=data_dir / "images", metadata=data_dir / "metadata.csv"),
+        TrainOptions(model_dir=workdir / "model"),
+    )
+    if outcome is None:
+        return
+    m = outcome.test_metrics or {}
+    typer.echo(
+        f"\nModel {outcome.version} in {workdir / 'model'}\n"
+        f"Test macro-F1 {_fmt(m.get('f1_macro'))}, micro-F1 {_fmt(m.get('f1_micro'))}, "
+        f"mAP {_fmt(m.get('mAP'))} on {m.get('n_samples')} images\n"
+        f"Report: {outcome.report}"
+    )
+
+
+def main() -> None:
+    # Under torchrun each process would fight over the two cores; keep intra-op threads sane.
+    if "WORLD_SIZE" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"
+    app()
+
+
+if __name__ == "__main__":
+    main()
