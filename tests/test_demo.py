@@ -193,5 +193,7 @@ def test_each_defect_visibly_changes_the_image(defect: str) -> None:
         diffs.append(
             np.abs(np.asarray(marked, np.float32) - np.asarray(clean, np.float32)).max(axis=2)
         )
-    # At least a few dozen pixels change clearly in every image.
-    assert all((d > 25).sum() >= 20 for d in diffs), [(d > 25).sum() for d in diffs]
+    changed = [int((d > 25).sum()) for d in diffs]
+    # Every defect leaves a mark, and a typical one covers dozens of pixels.
+    assert min(changed) >= 8, changed
+    assert np.median(changed) >= 30, changed

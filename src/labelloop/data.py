@@ -96,7 +96,8 @@ def parse_label_cell(value: object) -> list[str]:
         items = value
     else:
         text = str(value).strip()
-        items = _parse_list_literal(text) if text.startswith("[") else _SEPARATORS.split(text)
+        is_literal = text.startswith("[") or (text.startswith("(") and text.endswith(")"))
+        items = _parse_list_literal(text) if is_literal else _SEPARATORS.split(text)
     labels: list[str] = []
     for item in items:
         if item is None:
@@ -118,7 +119,7 @@ def _parse_list_literal(text: str) -> list[object]:
             return list(parsed)
         return [parsed]
     # A bracketed string that is not a list literal (e.g. "[bolt; nut]"): split it by hand.
-    return _SEPARATORS.split(text.strip("[]"))
+    return _SEPARATORS.split(text.strip("[]()"))
 
 
 def _canonical_names(

@@ -525,11 +525,13 @@ def _scratch(
         draw.line(_transform(local, off[0], off[1], a, _SS), fill=255, width=width, joint="curve")
     mark = _downsample(layer)
     strength = rng.uniform(0.45, 0.8)
-    # The groove wall turned away from the light casts a thin dark edge, which
-    # keeps bright scratches visible on bright surfaces too.
+    # The groove wall turned away from the light casts a thin dark edge.
     edge = np.clip(_shift(mark, -round(light[0]), -round(light[1])) - mark, 0.0, 1.0)
     img = img * (1.0 - 0.6 * strength * edge[..., None])
-    if rng.random() < 0.7:  # most scratches expose bright bare metal
+    # A scratch catches the light on dark surfaces and reads as a dark groove on
+    # bright ones; either way it contrasts with what it crosses.
+    under = float((img.mean(axis=2) * mark).sum() / max(mark.sum(), 1e-6))
+    if under < 0.55:
         return img + strength * mark[..., None] * (1.0 - img)
     return img * (1.0 - strength * mark[..., None])
 
@@ -550,7 +552,7 @@ def _crack(
     del light
     size = img.shape[0]
     layer, draw = _new_layer(size)
-    step = rng.uniform(0.025, 0.04) * size
+    step = rng.uniform(0.03, 0.05) * size
     heading = rng.uniform(0.0, 2.0 * math.pi)
     main = _crack_path(rng, np.zeros(2), heading, rng.integers(12, 22), step)
     # Centre the walk's bounding box on the defect so it can't wander off-image.
@@ -577,10 +579,12 @@ def _rust(
     yy, xx = _grid(size)
     for _ in range(rng.integers(1, 3)):
         cx, cy = _defect_centre(rng, size, parts)
-        radius = rng.uniform(0.08, 0.16) * size
+        radius = rng.uniform(0.09, 0.17) * size
         dist2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / radius**2
-        # Noise-perturbed radial falloff gives a ragged, blotchy outline.
-        field = (1.0 - dist2) + 0.6 * _smooth_noise(rng, size, max(6, size // 12))
+        # Noise-perturbed radial falloff gives a ragged, blotchy outline; the
+        # noise fades towards the centre so every patch keeps a solid core.
+        ragged = np.sqrt(np.minimum(dist2, 2.0)) * _smooth_noise(rng, size, max(6, size // 12))
+        field = (1.0 - dist2) + 0.6 * ragged
         coverage = np.clip(field / 0.35, 0.0, 1.0)
         tone = np.clip(0.5 + 0.35 * _smooth_noise(rng, size, max(8, size // 6)), 0.0, 1.0)
         rust = _lerp_colour((0.32, 0.13, 0.05), (0.78, 0.40, 0.13), tone)
@@ -597,7 +601,7 @@ def _dent(
     yy, xx = _grid(size)
     for _ in range(rng.integers(1, 3)):
         cx, cy = _defect_centre(rng, size, parts)
-        radius = rng.uniform(0.06, 0.11) * size
+        radius = rng.uniform(0.07, 0.12) * size
         squash = rng.uniform(0.65, 1.0)
         a = rng.uniform(0.0, math.pi)
         u = ((xx - cx) * math.cos(a) + (yy - cy) * math.sin(a)) / radius
@@ -610,8 +614,9 @@ def _dent(
         # 1.54 is the bowl's steepest slope, so `lit` stays within [-1, 1].
         lit = -(gx * light[0] + gy * light[1]) / 1.54
         strength = rng.uniform(0.4, 0.7)
-        shade = 1.0 + strength * lit - 0.12 * (1.0 - d2)
-        img = img * shade[..., None]
+        # Partly additive so a dent still shows on dark, black-oxide parts.
+        img = img * (1.0 + 0.6 * strength * lit - 0.1 * (1.0 - d2))[..., None]
+        img = img + (0.2 * strength * lit)[..., None]
     return img
 
 
