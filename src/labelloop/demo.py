@@ -511,9 +511,9 @@ def _scratch(
     layer, draw = _new_layer(size)
     centre = _defect_centre(rng, size, parts)
     angle = rng.uniform(0.0, math.pi)
-    length = rng.uniform(0.35, 0.75) * size
+    length = rng.uniform(0.45, 0.85) * size
     # A few near-parallel, nearly straight lines: what a dragged tool leaves behind.
-    for _ in range(rng.integers(1, 4)):
+    for _ in range(rng.integers(2, 5)):
         a = angle + rng.normal(0.0, 0.06)
         half = 0.5 * length * rng.uniform(0.6, 1.0)
         t = np.linspace(-half, half, 5)
@@ -521,10 +521,10 @@ def _scratch(
         off = centre + rng.normal(0.0, 0.03 * size, 2)
         local = np.stack([t, bow + rng.normal(0.0, 0.004 * size, t.size)], axis=1)
         # At least one output pixel wide, or small images would blur it away.
-        width = max(_SS, round(_SS * size / 128 * rng.uniform(1.0, 1.8)))
+        width = max(_SS, round(_SS * size / 128 * rng.uniform(1.2, 2.0)))
         draw.line(_transform(local, off[0], off[1], a, _SS), fill=255, width=width, joint="curve")
     mark = _downsample(layer)
-    strength = rng.uniform(0.45, 0.8)
+    strength = rng.uniform(0.55, 0.9)
     # The groove wall turned away from the light casts a thin dark edge.
     edge = np.clip(_shift(mark, -round(light[0]), -round(light[1])) - mark, 0.0, 1.0)
     img = img * (1.0 - 0.6 * strength * edge[..., None])
@@ -552,23 +552,23 @@ def _crack(
     del light
     size = img.shape[0]
     layer, draw = _new_layer(size)
-    step = rng.uniform(0.03, 0.05) * size
+    step = rng.uniform(0.035, 0.055) * size
     heading = rng.uniform(0.0, 2.0 * math.pi)
-    main = _crack_path(rng, np.zeros(2), heading, rng.integers(12, 22), step)
+    main = _crack_path(rng, np.zeros(2), heading, rng.integers(14, 24), step)
     # Centre the walk's bounding box on the defect so it can't wander off-image.
     main += _defect_centre(rng, size, parts) - (main.min(axis=0) + main.max(axis=0)) / 2
-    base_w = max(2, round(_SS * size / 128 * rng.uniform(1.5, 2.5)))
+    base_w = max(2, round(_SS * size / 128 * rng.uniform(2.5, 4.0)))
     # Cracks taper towards their ends.
     for k in range(len(main) - 1):
         w = max(1, round(base_w * (1.0 - 0.6 * k / len(main))))
         draw.line([tuple(main[k] * _SS), tuple(main[k + 1] * _SS)], fill=255, width=w)
-    for _ in range(rng.integers(1, 4)):
+    for _ in range(rng.integers(2, 5)):
         k = rng.integers(1, len(main) - 1)
         branch_heading = heading + rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.2)
         branch = _crack_path(rng, main[k], branch_heading, rng.integers(3, 8), step * 0.8)
         draw.line([tuple(q) for q in branch * _SS], fill=255, width=max(1, base_w // 2))
     mark = _downsample(layer)[..., None]
-    return img * (1.0 - rng.uniform(0.6, 0.88) * mark)
+    return img * (1.0 - rng.uniform(0.7, 0.92) * mark)
 
 
 def _rust(
@@ -601,7 +601,7 @@ def _dent(
     yy, xx = _grid(size)
     for _ in range(rng.integers(1, 3)):
         cx, cy = _defect_centre(rng, size, parts)
-        radius = rng.uniform(0.07, 0.12) * size
+        radius = rng.uniform(0.1, 0.16) * size
         squash = rng.uniform(0.65, 1.0)
         a = rng.uniform(0.0, math.pi)
         u = ((xx - cx) * math.cos(a) + (yy - cy) * math.sin(a)) / radius
@@ -613,7 +613,7 @@ def _dent(
         gy, gx = np.gradient(depth)
         # 1.54 is the bowl's steepest slope, so `lit` stays within [-1, 1].
         lit = -(gx * light[0] + gy * light[1]) / 1.54
-        strength = rng.uniform(0.4, 0.7)
+        strength = rng.uniform(0.6, 0.9)
         # Partly additive so a dent still shows on dark, black-oxide parts.
         img = img * (1.0 + 0.6 * strength * lit - 0.1 * (1.0 - d2))[..., None]
         img = img + (0.2 * strength * lit)[..., None]

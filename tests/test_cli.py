@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from labelloop.cli import app
+from labelloop.store import ModelStore
+
+runner = CliRunner(env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_console_script_help_lists_the_commands() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "labelloop", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0
+    for command in ("train", "evaluate", "predict", "demo-data", "demo", "versions", "rollback"):
+        assert command in done.stdout
+
+
+def test_train_help_explains_the_common_flags() -> None:
+    result = invoke("train", "--help")
+    assert result.exit_code == 0
+    for flag in ("--epochs", "--batch-size", "--image-size", "--backbone", "--lr", "--patience",
+                 "--seed", "--config", "--allow-new-classes", "--init-from", "--init-mode",
+                 "--resume", "--materialize-splits", "--label-columns", "--labelstudio-export"):
+        assert flag in result.output, flag
+
+
+def test_demo_data_command(tmp_path: Path) -> None:
+    result = invoke("demo-data", "--out", tmp_path, "--n", "6", "--size", "40", "--seed", "2")
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "images").glob("*.png"))) == 6
+    assert (tmp_path / "label_config.xml").is_file()
+
+
+def test_unknown_labels_exit_2_with_the_list_and_no_traceback(demo_dataset, tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[data]\nclasses = {components = ["bolt", "nut"]}\n')
+    result = invoke("--log-level", "ERROR", "train", "--model-dir", tmp_path / "m",
+                    "--images", demo_dataset.images_dir, "--metadata", demo_dataset.metadata_csv,
+                    "--config", config, "--weights", "none")
+    assert result.exit_code == 2
+    assert "'washer' x" in result.output and "--allow-new-classes" in result.output
+    assert "Traceback" not in result.output
+    assert ModelStore(tmp_path / "m").current_version() is None
+
+
+def test_bad_flag_value_is_a_usage_error(demo_dataset, tmp_path: Path) -> None:
+    result = invoke("train", "--model-dir", tmp_path, "--images", demo_dataset.images_dir,
+                    "--metadata", demo_dataset.metadata_csv, "--backbone", "vgg11")
+    assert result.exit_code == 2
+    assert "backbone must be one of" in result.output
+
+
+def test_train_with_config_file_and_flags(demo_dataset, tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("preprocess:\n  image_size: 32\noptim:\n  epochs: 5\n  batch_size: 32\n")
+    result = invoke("train", "--model-dir", tmp_path / "m", "--images", demo_dataset.images_dir,
+                    "--metadata", demo_dataset.metadata_csv, "--config", config,
+                    "--epochs", "1", "--weights", "none", "--no-progress",
+                    "--materialize-splits", tmp_path / "layout")
+    assert result.exit_code == 0, result.output
+    assert "Report:" in result.output and "macro-F1" in result.output
+    version = ModelStore(tmp_path / "m").current_version()
+    saved = json.loads((tmp_path / "m" / "versions" / version / "config.json").read_text())
+    assert saved["optim"]["epochs"] == 1  # the flag beat the file
+    assert saved["optim"]["batch_size"] == 32  # the file beat the default
+    assert saved["preprocess"]["image_size"] == 32
+    assert {p.name for p in (tmp_path / "layout").iterdir()} == {"train", "val", "test"}
+
+
+def test_evaluate_command(trained_model, demo_dataset, tmp_path: Path) -> None:
+    model_dir, _ = trained_model
+    result = invoke("evaluate", "--model-dir", model_dir, "--images", demo_dataset.images_dir,
+                    "--metadata", demo_dataset.metadata_csv, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["n_samples"] == 120
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "predictions.csv").is_file()
+
+
+def test_predict_command_reports_unreadable_images(trained_model, demo_dataset, tmp_path: Path) -> None:
+    model_dir, outcome = trained_model
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG but not really")
+    images = sorted(demo_dataset.images_dir.glob("*.png"))[:3] + [broken]
+    out = tmp_path / "pred.csv"
+    result = invoke("predict", *images, "--model-dir", model_dir, "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open()))
+    assert [r["image"] for r in rows] == [str(p) for p in images]
+    assert rows[-1]["error"] == "could not be read"
+    classes = json.loads((outcome.version_dir / "classes.json").read_text())
+    thresholds = json.loads((outcome.version_dir / "thresholds.json").read_text())
+    for row in rows[:-1]:
+        assert row["error"] == ""
+        expected = [c for c, t in zip(classes, thresholds) if float(row[f"p_{c}"]) >= t - 1e-4]
+        assert set(row["predicted"].split(";")) - {""} <= set(expected)
+        assert 0.0 <= float(row["confidence"]) <= 1.0
+
+
+def test_versions_and_rollback(trained_model, tmp_path: Path) -> None:
+    model_dir, outcome = trained_model
+    result = invoke("versions", "--model-dir", model_dir)
+    assert result.exit_code == 0
+    assert f"* {outcome.version}" in result.output
+    result = invoke("rollback", "v99-20200101T000000", "--model-dir", model_dir)
+    assert result.exit_code == 2
+    assert ModelStore(model_dir).current_version() == outcome.version
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path: Path) -> None:
+    result = invoke("predict", tmp_path / "x.png", "--model-dir", tmp_path)
+    assert result.exit_code == 2
+    assert "holds no model" in result.output
