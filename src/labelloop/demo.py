@@ -29,7 +29,7 @@ DEFECTS: tuple[str, ...] = ("scratch", "crack", "rust", "dent")
 LABEL_GROUPS: dict[str, tuple[str, ...]] = {"components": COMPONENTS, "defects": DEFECTS}
 
 MIN_SIZE = 32
-IMAGE_NAME_RE = re.compile(r"^img_(\d{5,})\.png$")
+_IMAGE_NAME_RE = re.compile(r"^img_(\d{5,})\.png$")
 
 # P(k components) for k = 0..3 and P(k defect kinds) for k = 0..2. With classes
 # drawn uniformly without replacement, each component has prevalence
@@ -48,6 +48,7 @@ _PART_RADIUS = (0.15, 0.24)
 FloatImage = np.ndarray  # (H, W, 3) float32, nominally in [0, 1]
 FloatMask = np.ndarray  # (H, W) float32 in [0, 1]
 Points = list[tuple[float, float]]
+Light = tuple[float, float]  # unit vector in the image plane, pointing towards the light
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ def _remove_stale_images(images_dir: Path, n: int) -> None:
     # A previous, larger run would otherwise leave images that metadata.csv no
     # longer lists; only files following our own naming scheme are touched.
     for path in images_dir.iterdir():
-        match = IMAGE_NAME_RE.match(path.name)
+        match = _IMAGE_NAME_RE.match(path.name)
         if match and int(match.group(1)) >= n and path.is_file():
             path.unlink()
             logger.debug("removed stale demo image %s", path)
@@ -289,9 +290,7 @@ def _brushed_metal(rng: np.random.Generator, size: int) -> FloatImage:
     band_pos = rng.uniform(0.2, 0.8) * size
     sheen = rng.uniform(0.05, 0.18) * np.exp(-(((along - band_pos) / (0.3 * size)) ** 2))
     base = rng.uniform(0.42, 0.72)
-    tint = np.array([1.0, 1.0, 1.0], dtype=np.float32) + rng.normal(0.0, 0.015, 3).astype(
-        np.float32
-    )
+    tint = 1.0 + rng.normal(0.0, 0.015, 3).astype(np.float32)
     lum = base + streaks + sheen + 0.03 * _smooth_noise(rng, size, 2)
     return lum[..., None] * tint
 
@@ -353,21 +352,17 @@ def _place_parts(rng: np.random.Generator, size: int, kinds: Sequence[str]) -> l
     parts: list[_Part] = []
     for kind in kinds:
         radius = rng.uniform(*_PART_RADIUS) * size
-        best: tuple[float, float] | None = None
-        best_gap = -math.inf
-        for _ in range(12):
-            cx, cy = rng.uniform(radius * 0.8, size - radius * 0.8, size=2)
-            gap = min(
-                (math.hypot(cx - p.cx, cy - p.cy) - radius - p.radius for p in parts),
-                default=math.inf,
-            )
-            if gap > best_gap:
-                best, best_gap = (float(cx), float(cy)), gap
-            if gap >= 0:
-                break
-        assert best is not None
-        parts.append(_Part(kind, best[0], best[1], radius))
+        candidates = rng.uniform(radius * 0.8, size - radius * 0.8, size=(12, 2))
+        gaps = np.array([_clearance(x, y, radius, parts) for x, y in candidates])
+        free = np.flatnonzero(gaps >= 0)
+        cx, cy = candidates[free[0] if free.size else gaps.argmax()]
+        parts.append(_Part(kind, float(cx), float(cy), radius))
     return parts
+
+
+def _clearance(x: float, y: float, radius: float, parts: Sequence[_Part]) -> float:
+    """Gap between a new part's bounding circle and the nearest placed one (< 0: overlap)."""
+    return min((math.hypot(x - p.cx, y - p.cy) - radius - p.radius for p in parts), default=0.0)
 
 
 def _bolt(draw: ImageDraw.ImageDraw, detail: ImageDraw.ImageDraw, p: _Part, theta: float) -> None:
@@ -403,9 +398,7 @@ def _nut(draw: ImageDraw.ImageDraw, detail: ImageDraw.ImageDraw, p: _Part, theta
     _circle(detail, cx, cy, hole * 1.2, outline=255, width=width)
 
 
-def _washer(
-    draw: ImageDraw.ImageDraw, detail: ImageDraw.ImageDraw, p: _Part, theta: float
-) -> None:
+def _washer(draw: ImageDraw.ImageDraw, detail: ImageDraw.ImageDraw, p: _Part, theta: float) -> None:
     del detail, theta  # a plain washer is rotationally symmetric and featureless
     cx, cy, r = p.cx * _SS, p.cy * _SS, 0.8 * p.radius * _SS
     _circle(draw, cx, cy, r, fill=255)
@@ -445,9 +438,14 @@ def _bracket(
         _circle(draw, hx, hy, 0.14 * r * _SS, fill=0)
 
 
-_PART_DRAWERS: dict[
-    str, Callable[[ImageDraw.ImageDraw, ImageDraw.ImageDraw, _Part, float], None]
-] = {"bolt": _bolt, "nut": _nut, "washer": _washer, "gear": _gear, "bracket": _bracket}
+_PartDrawer = Callable[[ImageDraw.ImageDraw, ImageDraw.ImageDraw, _Part, float], None]
+_PART_DRAWERS: dict[str, _PartDrawer] = {
+    "bolt": _bolt,
+    "nut": _nut,
+    "washer": _washer,
+    "gear": _gear,
+    "bracket": _bracket,
+}
 
 # (colour, probability): bright zinc, plain steel, black oxide, brass.
 _MATERIALS: tuple[tuple[tuple[float, float, float], float], ...] = (
@@ -464,9 +462,7 @@ def _part_colour(rng: np.random.Generator) -> np.ndarray:
     return colour * rng.uniform(0.85, 1.12)
 
 
-def _draw_part(
-    rng: np.random.Generator, img: FloatImage, part: _Part, light: tuple[float, float]
-) -> FloatImage:
+def _draw_part(rng: np.random.Generator, img: FloatImage, part: _Part, light: Light) -> FloatImage:
     size = img.shape[0]
     mask_img, draw = _new_layer(size)
     detail_img, detail = _new_layer(size)
@@ -505,7 +501,7 @@ def _defect_centre(rng: np.random.Generator, size: int, parts: Sequence[_Part]) 
 
 
 def _scratch(
-    rng: np.random.Generator, img: FloatImage, parts: Sequence[_Part], light: tuple[float, float]
+    rng: np.random.Generator, img: FloatImage, parts: Sequence[_Part], light: Light
 ) -> FloatImage:
     size = img.shape[0]
     layer, draw = _new_layer(size)
@@ -536,8 +532,9 @@ def _scratch(
     return img * (1.0 - strength * mark[..., None])
 
 
-def _crack_path(rng: np.random.Generator, start: np.ndarray, heading: float, steps: int,
-                step: float) -> np.ndarray:
+def _crack_path(
+    rng: np.random.Generator, start: np.ndarray, heading: float, steps: int, step: float
+) -> np.ndarray:
     """A jagged random walk: small straight segments with sharp heading changes."""
     turns = np.cumsum(rng.normal(0.0, 0.55, steps)) * 0.5 + rng.normal(0.0, 0.5, steps)
     headings = heading + turns
@@ -547,7 +544,7 @@ def _crack_path(rng: np.random.Generator, start: np.ndarray, heading: float, ste
 
 
 def _crack(
-    rng: np.random.Generator, img: FloatImage, parts: Sequence[_Part], light: tuple[float, float]
+    rng: np.random.Generator, img: FloatImage, parts: Sequence[_Part], light: Light
 ) -> FloatImage:
     del light
     size = img.shape[0]
@@ -558,7 +555,7 @@ def _crack(
     # Centre the walk's bounding box on the defect so it can't wander off-image.
     main += _defect_centre(rng, size, parts) - (main.min(axis=0) + main.max(axis=0)) / 2
     base_w = max(2, round(_SS * size / 128 * rng.uniform(2.5, 4.0)))
-    # Cracks taper towards their ends.
+    # Cracks narrow as they run out from where they started.
     for k in range(len(main) - 1):
         w = max(1, round(base_w * (1.0 - 0.6 * k / len(main))))
         draw.line([tuple(main[k] * _SS), tuple(main[k + 1] * _SS)], fill=255, width=w)
@@ -572,7 +569,7 @@ def _crack(
 
 
 def _rust(
-    rng: np.random.Generator, img: FloatImage, parts: Sequence[_Part], light: tuple[float, float]
+    rng: np.random.Generator, img: FloatImage, parts: Sequence[_Part], light: Light
 ) -> FloatImage:
     del light
     size = img.shape[0]
@@ -595,7 +592,7 @@ def _rust(
 
 
 def _dent(
-    rng: np.random.Generator, img: FloatImage, parts: Sequence[_Part], light: tuple[float, float]
+    rng: np.random.Generator, img: FloatImage, parts: Sequence[_Part], light: Light
 ) -> FloatImage:
     size = img.shape[0]
     yy, xx = _grid(size)
@@ -620,12 +617,13 @@ def _dent(
     return img
 
 
-_DEFECT_RENDERERS: dict[
-    str,
-    Callable[
-        [np.random.Generator, FloatImage, Sequence[_Part], tuple[float, float]], FloatImage
-    ],
-] = {"scratch": _scratch, "crack": _crack, "rust": _rust, "dent": _dent}
+_DefectRenderer = Callable[[np.random.Generator, FloatImage, Sequence[_Part], Light], FloatImage]
+_DEFECT_RENDERERS: dict[str, _DefectRenderer] = {
+    "scratch": _scratch,
+    "crack": _crack,
+    "rust": _rust,
+    "dent": _dent,
+}
 
 
 # --------------------------------------------------------------------------- #
@@ -633,9 +631,7 @@ _DEFECT_RENDERERS: dict[
 # --------------------------------------------------------------------------- #
 
 
-def _apply_camera(
-    rng: np.random.Generator, img: FloatImage, light: tuple[float, float]
-) -> Image.Image:
+def _apply_camera(rng: np.random.Generator, img: FloatImage, light: Light) -> Image.Image:
     """Global lighting, exposure, white balance, slight defocus and sensor noise."""
     size = img.shape[0]
     yy, xx = _grid(size)
