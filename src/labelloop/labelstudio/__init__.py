@@ -1,0 +1,1 @@
+"""Label Studio: protocol models, label configs, results, image access, a local launcher."""
