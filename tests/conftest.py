@@ -44,3 +44,65 @@ def trained_model(
     )
     assert outcome is not None
     return model_dir, outcome
+
+
+# --- a real Label Studio and our backend as processes, for end-to-end tests ----------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory: pytest.TempPathFactory):
+    """Label Studio 1.23.2 in its own venv (installed on first use), booted once per run."""
+    from labelloop.labelstudio.client import LabelStudioClient
+    from labelloop.labelstudio.launcher import (
+        LabelStudioServer,
+        LabelStudioSettings,
+        ensure_label_studio,
+        free_port,
+    )
+
+    executable = ensure_label_studio(REPO / ".venv-ls")
+    root = tmp_path_factory.mktemp("label-studio")
+    settings = LabelStudioSettings(
+        data_dir=root / "data", document_root=root / "files", port=free_port()
+    )
+    settings.document_root.mkdir(parents=True)
+    with LabelStudioServer(executable, settings, log_file=root / "label-studio.log") as server:
+        client = LabelStudioClient(settings.url, settings.token)
+        try:
+            yield server, client
+        finally:
+            client.close()
+
+
+@pytest.fixture(scope="session")
+def backend_factory(label_studio, trained_model, tmp_path_factory: pytest.TempPathFactory):
+    from servers import BackendProcess
+
+    server, _ = label_studio
+    started: list[BackendProcess] = []
+
+    def start(*, basic_auth: tuple[str, str] | None = None, model_dir: Path | None = None) -> BackendProcess:
+        logs = tmp_path_factory.mktemp("backend")
+        backend = BackendProcess(
+            model_dir or trained_model[0], logs / "backend.log",
+            env={
+                "LABEL_STUDIO_URL": server.settings.url,
+                "LABEL_STUDIO_API_KEY": server.settings.token,
+                "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(server.settings.document_root),
+                "LOG_LEVEL": "INFO",
+            },
+            basic_auth=basic_auth,
+        )
+        started.append(backend)
+        return backend
+
+    yield start
+    for backend in started:
+        backend.stop()
+
+
+@pytest.fixture(scope="session")
+def backend(backend_factory):
+    return backend_factory()

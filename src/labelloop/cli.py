@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -273,41 +274,95 @@ def rollback(
 
 @app.command()
 @_user_errors
-def demo(
-    workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo data and model go.")] = Path("demo"),
-    n: Annotated[int, typer.Option(help="Demo images to generate.")] = 600,
-    size: Annotated[int, typer.Option(help="Demo image side in pixels.")] = 128,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 15,
+def serve(
+    model_dir: ModelDirOpt,
+    host: Annotated[str, typer.Option(help="Address to bind; keep 127.0.0.1 unless behind a proxy.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 9090,
+    label_studio_url: Annotated[
+        str | None, typer.Option(envvar="LABEL_STUDIO_URL", help="Label Studio base URL (else the one /setup sends).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per forward pass [16].")] = None,
+    fetch_workers: Annotated[int | None, typer.Option(help="Concurrent image downloads [8].")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Download cache folder (off when unset).")] = None,
 ) -> None:
-    """The main job on embedded defaults: demo data -> train -> evaluate -> report."""
-    from .demo import LABEL_GROUPS, generate_demo_dataset
-    from .pipeline import DataSource, TrainOptions, run_training
+    """Serve the current model to Label Studio (ML backend protocol).
 
-    data_dir = workdir / "data"
-    if not (data_dir / "metadata.csv").is_file():
-        generate_demo_dataset(data_dir, n=n, size=size, show_progress=True)
-    cfg = TrainConfig().with_overrides(
-        {
-            "data": {"classes": {g: list(c) for g, c in LABEL_GROUPS.items()}},
-            "preprocess": {"image_size": min(size, 112)},
-            "model": {"weights": "none"},
-            "optim": {"epochs": epochs, "patience": 4, "batch_size": 32, "lr": 2e-3},
-        }
+    Reads LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY (legacy token or personal access token),
+    BASIC_AUTH_USER / BASIC_AUTH_PASS, LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, LOG_LEVEL.
+    """
+    import uvicorn
+
+    from .serve.app import create_app
+    from .serve.predictor import LoadedModel, ModelHolder
+    from .serve.settings import settings_from
+    from .store import load_bundle
+
+    settings = settings_from(
+        {"model_dir": model_dir, "host": host, "port": port, "label_studio_url": label_studio_url,
+         "batch_size": batch_size, "fetch_workers": fetch_workers, "cache_dir": cache_dir}
     )
-    outcome = run_training(
-        cfg,
-        DataSource(images=data_dir / "images", metadata=data_dir / "metadata.csv"),
-        TrainOptions(model_dir=workdir / "model"),
-    )
-    if outcome is None:
+    try:
+        holder = ModelHolder(LoadedModel.from_bundle(load_bundle(settings.model_dir)))
+    except StoreError as exc:
+        logger.warning("Starting without a model: %s", exc)
+        holder = ModelHolder(None)
+    app_ = create_app(settings, holder)
+    logger.info("Serving %s on http://%s:%d", settings.model_dir, settings.host, settings.port)
+    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=logging.getLogger().level,
+                access_log=False)
+
+
+@app.command()
+@_user_errors
+def demo(
+    workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo data, model and Label Studio live.")] = Path("demo"),
+    n: Annotated[int, typer.Option(help="Demo images to generate.")] = 800,
+    size: Annotated[int, typer.Option(help="Demo image side in pixels.")] = 128,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs for the starter model.")] = 25,
+    label_studio: Annotated[
+        bool, typer.Option(help="Start Label Studio and the backend after training.")
+    ] = True,
+    ls_port: Annotated[int, typer.Option(help="Label Studio port (127.0.0.1).")] = 8080,
+    backend_port: Annotated[int, typer.Option(help="Backend port (127.0.0.1).")] = 9090,
+    upload: Annotated[int, typer.Option(help="Images uploaded; the rest come through local storage.")] = 200,
+    ls_venv: Annotated[Path, typer.Option(help="Virtualenv for Label Studio (installed if missing).")] = Path(".venv-ls"),
+) -> None:
+    """The main job on embedded defaults: demo data -> starter model -> report, then a real Label
+    Studio with a demo project pre-annotated by the backend. Ctrl-C stops everything."""
+    from .demo_stack import DemoPaths, DemoReady, run_stack, train_demo_model
+
+    paths = DemoPaths(workdir)
+    if ModelStore(paths.model).current_version() is None:
+        outcome = train_demo_model(paths, n=n, size=size, epochs=epochs)
+        if outcome is None:
+            return
+        m = outcome.test_metrics or {}
+        typer.echo(
+            f"\nModel {outcome.version} in {paths.model}\n"
+            f"Test macro-F1 {_fmt(m.get('f1_macro'))}, micro-F1 {_fmt(m.get('f1_micro'))}, "
+            f"mAP {_fmt(m.get('mAP'))} on {m.get('n_samples')} images\n"
+            f"Report: {outcome.report}"
+        )
+    else:
+        typer.echo(f"Reusing the model in {paths.model} ({ModelStore(paths.model).current_version()})")
+    if not label_studio:
         return
-    m = outcome.test_metrics or {}
-    typer.echo(
-        f"\nModel {outcome.version} in {workdir / 'model'}\n"
-        f"Test macro-F1 {_fmt(m.get('f1_macro'))}, micro-F1 {_fmt(m.get('f1_micro'))}, "
-        f"mAP {_fmt(m.get('mAP'))} on {m.get('n_samples')} images\n"
-        f"Report: {outcome.report}"
-    )
+
+    def wait(ready: DemoReady) -> None:
+        typer.echo(
+            f"\nLabel Studio: {ready.project_url}\n"
+            f"  login {ready.username}  password {ready.password}\n"
+            f"Backend: {ready.backend_url} serving {ready.model_version}\n"
+            f"{ready.n_tasks} tasks pre-annotated (Retrieve Predictions took "
+            f"{ready.retrieve_seconds:.1f} s). Press Ctrl-C to stop everything."
+        )
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            typer.echo("Stopping Label Studio and the backend...")
+
+    run_stack(paths, ls_venv=ls_venv, ls_port=ls_port, backend_port=backend_port,
+              n_upload=upload, wait=wait)
 
 
 def main() -> None:

@@ -512,11 +512,23 @@ def compute_pos_weight(
 # --- torch Dataset ------------------------------------------------------------------------------
 
 
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The one colour conversion for training and serving alike."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # convert() would clip 16-bit values at 255, turning most of the image white.
+        eight_bit = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+        image = Image.fromarray(eight_bit)
+    # Alpha is dropped, not composited: the model sees the same pixels in training and serving.
+    return image.convert("RGB")
+
+
 def load_rgb(path: Path) -> Image.Image:
     """Decode an image as RGB, honouring EXIF orientation (phones rotate via EXIF)."""
     with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        return img.convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(img))
 
 
 class ImageDataset(Dataset):

@@ -96,6 +96,10 @@ class LabelStudioClient:
             "POST", "/api/projects/", json={"title": title, "label_config": label_config}
         )
 
+    def projects(self) -> list[dict[str, Any]]:
+        reply = self._json("GET", "/api/projects/", params={"page_size": 1000})
+        return list(reply["results"]) if isinstance(reply, dict) else list(reply)
+
     def get_project(self, project_id: int) -> dict[str, Any]:
         return self._json("GET", f"/api/projects/{project_id}/")
 

@@ -1,0 +1,1 @@
+"""The ML-backend HTTP server."""

@@ -1,0 +1,286 @@
+"""The ML-backend HTTP server: Label Studio's protocol on FastAPI.
+
+Everything slow (model loading) happens in `create_app`'s caller, once; `/setup` and `/health`
+answer from memory. Handlers are plain functions, so FastAPI runs them in its thread pool and a
+long `/predict` never stalls `/setup`, `/health` or `/webhook`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import Counter
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+from .. import __version__
+from ..labelstudio.auth import LabelStudioAuth
+from ..labelstudio.images import FetchSettings, ImageFetcher
+from ..labelstudio.label_config import LabelConfigError
+from ..labelstudio.protocol import (
+    PredictRequest,
+    PredictResponse,
+    SetupRequest,
+    SetupResponse,
+    WebhookEvent,
+)
+from ..store import ModelStore, StoreError
+from .predictor import ModelHolder, Predictor, resolve_config
+from .settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+NO_MODEL_VERSION = "untrained"
+
+
+class ServerMetrics:
+    """Counters for /metrics; a lock because handlers run on many threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self.requests: Counter[str] = Counter()
+        self.tasks = 0
+        self.predicted = 0
+        self.failed: Counter[str] = Counter()
+        self.predict_seconds = 0.0
+        self.webhooks: Counter[str] = Counter()
+
+    def count_request(self, route: str) -> None:
+        with self._lock:
+            self.requests[route] += 1
+
+    def record_predict(self, tasks: int, predicted: int, failed: Counter[str], seconds: float) -> None:
+        with self._lock:
+            self.tasks += tasks
+            self.predicted += predicted
+            self.failed.update(failed)
+            self.predict_seconds += seconds
+
+    def record_webhook(self, action: str) -> None:
+        with self._lock:
+            self.webhooks[action] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "uptime_s": round(time.time() - self.started, 1),
+                "requests": dict(self.requests),
+                "predict": {
+                    "tasks": self.tasks,
+                    "predicted": self.predicted,
+                    "failed": dict(self.failed),
+                    "seconds": round(self.predict_seconds, 3),
+                    "tasks_per_s": round(self.tasks / self.predict_seconds, 2)
+                    if self.predict_seconds
+                    else None,
+                },
+                "webhooks": dict(self.webhooks),
+            }
+
+
+class FetcherRegistry:
+    """One image fetcher per (Label Studio URL, token): env settings win over what /setup sent."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._fetchers: dict[tuple[str | None, str | None], ImageFetcher] = {}
+        self._setup_hostname: str | None = None
+        self._setup_token: str | None = None
+
+    def remember_setup(self, hostname: str | None, token: str | None) -> None:
+        with self._lock:
+            if hostname:
+                self._setup_hostname = hostname.rstrip("/")
+            if token:
+                self._setup_token = token
+
+    def current(self) -> ImageFetcher:
+        s = self.settings
+        url = s.label_studio_url or self._setup_hostname
+        token = s.label_studio_api_key.get_secret_value() if s.label_studio_api_key else self._setup_token
+        key = (url, token)
+        with self._lock:
+            fetcher = self._fetchers.get(key)
+            if fetcher is None:
+                auth = LabelStudioAuth(url, token) if url and token else None
+                fetcher = ImageFetcher(
+                    FetchSettings(
+                        label_studio_url=url,
+                        document_root=s.document_root,
+                        cache_dir=s.cache_dir,
+                        cache_max_bytes=s.cache_max_mb * 1024 * 1024,
+                        timeout_s=s.fetch_timeout_s,
+                    ),
+                    auth,
+                )
+                self._fetchers[key] = fetcher
+            return fetcher
+
+    def close(self) -> None:
+        with self._lock:
+            for fetcher in self._fetchers.values():
+                fetcher.close()
+            self._fetchers.clear()
+
+
+def _basic_auth_dependency(settings: ServeSettings):
+    security = HTTPBasic(auto_error=False)
+
+    def check(credentials: HTTPBasicCredentials | None = Depends(security)) -> None:
+        if not settings.basic_auth_enabled:
+            return
+        assert settings.basic_auth_user is not None and settings.basic_auth_pass is not None
+        ok = credentials is not None and (
+            secrets.compare_digest(credentials.username.encode(), settings.basic_auth_user.encode())
+            & secrets.compare_digest(
+                credentials.password.encode(), settings.basic_auth_pass.get_secret_value().encode()
+            )
+        )
+        if not ok:
+            raise HTTPException(
+                status_code=status.HTTP_401_UNAUTHORIZED,
+                detail="basic auth required: set the ML backend's user and password in Label Studio",
+                headers={"WWW-Authenticate": "Basic"},
+            )
+
+    return check
+
+
+def create_app(
+    settings: ServeSettings, holder: ModelHolder, *, predictor: Predictor | None = None
+) -> FastAPI:
+    predictor = predictor or Predictor(
+        holder, batch_size=settings.batch_size, workers=settings.fetch_workers
+    )
+    fetchers = FetcherRegistry(settings)
+    metrics = ServerMetrics()
+    store = ModelStore(settings.model_dir)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        predictor.close()
+        fetchers.close()
+
+    app = FastAPI(
+        title="labelloop ML backend",
+        version=__version__,
+        lifespan=lifespan,
+        dependencies=[Depends(_basic_auth_dependency(settings))],
+    )
+    app.state.settings = settings
+    app.state.holder = holder
+    app.state.predictor = predictor
+    app.state.metrics = metrics
+    app.state.fetchers = fetchers
+
+    def model_version() -> str:
+        model = holder.current
+        return model.version if model is not None else NO_MODEL_VERSION
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return JSONResponse({"detail": "request body is not valid JSON"}, status_code=400)
+        # Name the fields but never echo the input back: it may hold tokens.
+        problems = [
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+            for e in errors[:10]
+        ]
+        return JSONResponse({"detail": problems}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("Unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal error; see the backend's log"}, status_code=500)
+
+    @app.get("/")
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        metrics.count_request("health")
+        return {
+            "status": "UP",
+            "model_class": "labelloop",
+            "model_version": model_version(),
+            "model_loaded": holder.current is not None,
+        }
+
+    @app.post("/setup", response_model=SetupResponse, response_model_exclude_none=True)
+    def setup(request: SetupRequest) -> SetupResponse:
+        metrics.count_request("setup")
+        fetchers.remember_setup(request.hostname, request.access_token)
+        model = holder.current
+        warnings: list[str] = []
+        if model is None:
+            warnings.append("no model is trained yet: predictions stay empty until one is")
+        elif request.label_config:
+            try:
+                config, mapping = resolve_config(request.label_config, model.classes)
+            except LabelConfigError as exc:
+                raise HTTPException(status_code=422, detail=str(exc)) from None
+            warnings = [*config.warnings, *mapping.warnings()]
+            for line in warnings:
+                logger.warning("Label config: %s", line)
+        return SetupResponse(model_version=model_version(), warnings=warnings)
+
+    @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=True)
+    def predict(request: PredictRequest) -> PredictResponse:
+        metrics.count_request("predict")
+        if holder.current is None:
+            return PredictResponse(results=[[] for _ in request.tasks])
+        if not request.label_config:
+            raise HTTPException(status_code=422, detail="label_config is missing from the request")
+        if not request.tasks:
+            return PredictResponse(results=[])
+        try:
+            results, stats = predictor.predict(request.tasks, request.label_config, fetchers.current())
+        except LabelConfigError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+        metrics.record_predict(stats.tasks, stats.predicted, stats.failed, stats.seconds)
+        return PredictResponse(results=results)
+
+    @app.post("/webhook")
+    def webhook(event: WebhookEvent) -> dict[str, Any]:
+        metrics.count_request("webhook")
+        metrics.record_webhook(event.action)
+        logger.info("Webhook %s (project %s)", event.action, event.project_id())
+        return {"status": "ok", "action": event.action}
+
+    @app.get("/versions")
+    def versions() -> dict[str, Any]:
+        metrics.count_request("versions")
+        try:
+            names = store.versions()
+            current = store.current_version()
+            listed = []
+            for name in names:
+                manifest = store.manifest(name)
+                listed.append(
+                    {
+                        "version": name,
+                        "created_at": manifest.created_at,
+                        "parent_version": manifest.parent_version,
+                        "metrics": manifest.metrics.get("test", {}),
+                        "current": name == current,
+                    }
+                )
+        except StoreError as exc:
+            raise HTTPException(status_code=500, detail=str(exc)) from None
+        return {"versions": names, "current": current, "details": listed}
+
+    @app.get("/metrics")
+    def server_metrics() -> dict[str, Any]:
+        metrics.count_request("metrics")
+        return {"model_version": model_version(), **metrics.snapshot()}
+
+    return app

@@ -1,0 +1,82 @@
+"""Server settings, read once at start-up from flags and the environment variables that Label
+Studio ML-backend users already know."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from ..config import ConfigError
+
+
+class ServeSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_dir: Path
+    host: str = "127.0.0.1"
+    port: int = Field(9090, ge=1, le=65535)
+    label_studio_url: str | None = None
+    label_studio_api_key: SecretStr | None = None
+    basic_auth_user: str | None = None
+    basic_auth_pass: SecretStr | None = None
+    document_root: Path | None = None
+    cache_dir: Path | None = None
+    cache_max_mb: int = Field(512, ge=0)
+    batch_size: int = Field(16, ge=1, le=512)
+    fetch_workers: int = Field(8, ge=1, le=64)
+    fetch_timeout_s: float = Field(15.0, gt=0)
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeSettings:
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if self.label_studio_url is not None and not self.label_studio_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError(
+                f"LABEL_STUDIO_URL must start with http:// or https://, got {self.label_studio_url!r}"
+            )
+        return self
+
+    @property
+    def basic_auth_enabled(self) -> bool:
+        return bool(self.basic_auth_user)
+
+
+ENV_NAMES = {
+    "model_dir": "MODEL_DIR",
+    "label_studio_url": "LABEL_STUDIO_URL",
+    "label_studio_api_key": "LABEL_STUDIO_API_KEY",
+    "basic_auth_user": "BASIC_AUTH_USER",
+    "basic_auth_pass": "BASIC_AUTH_PASS",
+    "document_root": "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT",
+    "cache_dir": "LABELLOOP_CACHE_DIR",
+    "log_level": "LOG_LEVEL",
+}
+
+
+def settings_from(
+    flags: Mapping[str, object], environ: Mapping[str, str] | None = None
+) -> ServeSettings:
+    """Flags win over environment variables; empty values count as unset."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, object] = {}
+    for field, env in ENV_NAMES.items():
+        if environ.get(env):
+            raw[field] = environ[env]
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    if raw.get("label_studio_url"):
+        raw["label_studio_url"] = str(raw["label_studio_url"]).rstrip("/")
+    try:
+        return ServeSettings.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{ENV_NAMES.get(str(err['loc'][0]), err['loc'][0]) if err['loc'] else 'settings'}: "
+            f"{err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid server settings: {problems}") from None

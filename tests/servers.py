@@ -1,0 +1,95 @@
+"""Real HTTP servers on 127.0.0.1 for tests: uvicorn in a background thread."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serve_in_thread(app, *, port: int | None = None, start_timeout_s: float = 20.0) -> Iterator[str]:
+    """Run an ASGI app on 127.0.0.1 until the block exits; yields its base URL."""
+    port = port or free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"test server on port {port} did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+class BackendProcess:
+    """`labelloop serve` as a real process, for Label Studio to call."""
+
+    def __init__(self, model_dir, log_path, *, env: dict[str, str], basic_auth: tuple[str, str] | None = None):
+        import os
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.auth = basic_auth
+        full_env = dict(os.environ, **env)
+        if basic_auth:
+            full_env.update(BASIC_AUTH_USER=basic_auth[0], BASIC_AUTH_PASS=basic_auth[1])
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "labelloop", "serve", "--model-dir", str(model_dir),
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        self._wait_ready()
+
+    def health(self) -> dict:
+        import httpx
+
+        return httpx.get(f"{self.url}/health", auth=self.auth, timeout=5).json()
+
+    def _wait_ready(self, timeout_s: float = 90.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"backend exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", auth=self.auth, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"backend did not become ready: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        self._log.close()

@@ -1,0 +1,107 @@
+"""End to end with a real Label Studio (PyPI label-studio==1.23.2) and our backend as a real
+process, both on 127.0.0.1."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from labelloop.labelstudio.client import LabelStudioAPIError
+from labelloop.labelstudio.label_config import parse_label_config
+
+pytestmark = pytest.mark.e2e
+
+
+def _wait_for(predicate, *, timeout_s: float, what: str, interval_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def project(label_studio, demo_dataset, tmp_path_factory):
+    """A project with demo images: 6 uploaded, 4 through local storage, 1 broken URL."""
+    server, client = label_studio
+    config = demo_dataset.label_config.read_text()
+    created = client.create_project("e2e predictions", config)
+    pid = created["id"]
+    images = sorted(demo_dataset.images_dir.glob("*.png"))
+    uploaded = client.import_files(pid, images[:6])
+    storage_dir = server.settings.document_root / "e2e"
+    storage_dir.mkdir(parents=True, exist_ok=True)
+    for image in images[6:10]:
+        shutil.copy(image, storage_dir / image.name)
+    client.add_local_storage(pid, storage_dir)
+    broken = client.import_tasks(pid, [{"image": f"/data/upload/{pid}/no-such-file.png"}])
+    tasks = client.list_tasks(pid)
+    assert len(tasks) == 11
+    return {"id": pid, "config": config, "uploaded": uploaded, "broken": broken[0], "tasks": tasks}
+
+
+@pytest.fixture(scope="module")
+def connected(label_studio, project, backend):
+    _, client = label_studio
+    ml = client.connect_ml_backend(project["id"], backend.url, title="labelloop-e2e")
+    return ml
+
+
+def test_backend_connects(label_studio, project, connected) -> None:
+    _, client = label_studio
+    backends = client.ml_backends(project["id"])
+    assert [b["id"] for b in backends] == [connected["id"]]
+    assert backends[0]["state"] == "CO", backends[0]  # connected
+
+
+def test_retrieve_predictions_stores_valid_predictions(label_studio, project, connected, backend) -> None:
+    _, client = label_studio
+    pid = project["id"]
+    client.retrieve_predictions(pid)
+    predictions = _wait_for(
+        lambda: client.predictions(project_id=pid) if len(client.predictions(project_id=pid)) >= 10 else None,
+        timeout_s=60, what="predictions for 10 tasks",
+    )
+    config = parse_label_config(project["config"])
+    controls = {c.name: c for c in config.controls}
+    by_task = {p["task"]: p for p in predictions}
+    assert project["broken"] not in by_task  # its image cannot be fetched: no prediction
+    good_tasks = {t["id"] for t in project["tasks"]} - {project["broken"]}
+    assert set(by_task) == good_tasks  # uploaded and local-storage tasks alike
+    version = backend.health()["model_version"]
+    for prediction in by_task.values():
+        assert prediction["model_version"] == version
+        assert 0.0 <= prediction["score"] <= 1.0
+        for item in prediction["result"]:
+            control = controls[item["from_name"]]
+            assert item["to_name"] == control.to_name
+            assert set(item["value"]["choices"]) <= set(control.choices)
+    assert any(p["result"] for p in by_task.values())
+
+
+def test_opening_a_task_without_prediction_triggers_one(label_studio, project, connected, demo_dataset) -> None:
+    _, client = label_studio
+    pid = project["id"]
+    image = sorted(demo_dataset.images_dir.glob("*.png"))[12]
+    [task_id] = client.import_files(pid, [image])
+    assert client.predictions(task_id=task_id) == []
+    client.get_task(task_id)
+    _wait_for(lambda: client.predictions(task_id=task_id), timeout_s=30,
+              what="a prediction after opening the task")
+
+
+def test_backend_with_basic_auth(label_studio, project, backend_factory) -> None:
+    _, client = label_studio
+    secured = backend_factory(basic_auth=("ls-user", "ls-pass"))
+    assert httpx.get(f"{secured.url}/health", timeout=5).status_code == 401
+    with pytest.raises(LabelStudioAPIError):
+        client.connect_ml_backend(project["id"], secured.url, title="no-auth")
+    ml = client.connect_ml_backend(project["id"], secured.url, title="with-auth",
+                                   basic_auth=("ls-user", "ls-pass"))
+    assert ml["state"] == "CO"

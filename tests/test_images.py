@@ -1,0 +1,647 @@
+"""Image URL resolution, fetching (against a local stand-in for Label Studio) and decoding."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from PIL import Image
+from servers import serve_in_thread
+
+from labelloop.labelstudio.auth import LabelStudioAuth
+from labelloop.labelstudio.images import (
+    FetchSettings,
+    ImageFetcher,
+    ImageFetchError,
+    ResolvedSource,
+    decode_image,
+    resolve_url,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+TOKEN = "1abe11009de0c0ffee5eed5ca1ab1e0123456789"
+LS = "http://ls.example:8080"
+
+
+# --------------------------------------------------------------------------- fake Label Studio
+
+
+def _b64(obj: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+
+def make_jwt(payload: dict[str, Any]) -> str:
+    return f"{_b64({'alg': 'HS256'})}.{_b64(payload)}.unsigned"
+
+
+def _jwt_id(token: str) -> str | None:
+    body = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))).get("jti")
+
+
+def blob(name: str, size: int) -> bytes:
+    """Deterministic bytes of a given size, distinct per name."""
+    seed = hashlib.sha256(name.encode()).digest()
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+@dataclass
+class Seen:
+    """Requests the fake Label Studio received: (host header, path, Authorization or None)."""
+
+    requests: list[tuple[str, str, str | None]] = field(default_factory=list)
+    presigned: list[tuple[int, str]] = field(default_factory=list)
+    exchanges: int = 0
+    revoked_jtis: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def paths(self) -> list[str]:
+        return [path for _, path, _ in self.requests]
+
+    def auth_for(self, path: str) -> list[str | None]:
+        return [auth for _, p, auth in self.requests if p == path]
+
+
+SEEN = Seen()
+
+
+def _authorised(request: Request) -> bool:
+    header = request.headers.get("authorization", "")
+    if header == f"Token {TOKEN}":
+        return True
+    if header.startswith("Bearer "):
+        return _jwt_id(header.removeprefix("Bearer ")) not in SEEN.revoked_jtis
+    return False
+
+
+def _build_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.middleware("http")
+    async def record(request: Request, call_next):  # type: ignore[no-untyped-def]
+        with SEEN.lock:
+            SEEN.requests.append(
+                (request.headers["host"], request.url.path, request.headers.get("authorization"))
+            )
+        return await call_next(request)
+
+    def other_host(request: Request) -> str:
+        return f"http://localhost:{request.url.port}"
+
+    def label_studio(request: Request) -> str:
+        return f"http://127.0.0.1:{request.url.port}"
+
+    @app.post("/api/token/refresh/")
+    async def refresh() -> JSONResponse:
+        with SEEN.lock:
+            SEEN.exchanges += 1
+            jti = str(SEEN.exchanges)
+        access = make_jwt({"token_type": "access", "exp": int(time.time()) + 300, "jti": jti})
+        return JSONResponse({"access": access})
+
+    @app.get("/data/upload/{path:path}")
+    async def upload(path: str, request: Request) -> Response:
+        if not _authorised(request):
+            return JSONResponse({"detail": "Authentication credentials were not provided."}, 401)
+        return Response(f"upload:{path}".encode(), media_type="image/png")
+
+    @app.get("/data/local-files/")
+    async def local_files(d: str, request: Request) -> Response:
+        if not _authorised(request):
+            return JSONResponse({"detail": "Authentication credentials were not provided."}, 401)
+        return Response(f"ls-local:{d}".encode())
+
+    @app.get("/files/{name}")
+    async def files(name: str, size: int = 1000) -> Response:
+        return Response(blob(name, size), media_type="application/octet-stream")
+
+    @app.get("/to-other-host")
+    async def to_other_host(request: Request) -> RedirectResponse:
+        return RedirectResponse(f"{other_host(request)}/files/redirected", 302)
+
+    @app.get("/back-to-ls")
+    async def back_to_ls(request: Request) -> RedirectResponse:
+        return RedirectResponse(f"{label_studio(request)}/data/upload/1/back.png", 307)
+
+    @app.get("/loop/{name}")
+    async def loop(name: str) -> RedirectResponse:
+        return RedirectResponse("/loop/b" if name == "a" else "/loop/a", 302)
+
+    @app.get("/chain/{n}")
+    async def chain(n: int) -> RedirectResponse:
+        return RedirectResponse(f"/chain/{n + 1}", 302)
+
+    @app.get("/status/{code}")
+    async def status(code: int) -> Response:
+        return Response(b"nope", status_code=code)
+
+    @app.get("/slow")
+    async def slow() -> Response:
+        await asyncio.sleep(2.0)
+        return Response(b"late")
+
+    @app.get("/trickle")
+    async def trickle() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(20):
+                await asyncio.sleep(0.1)
+                yield b"x" * 10
+
+        return StreamingResponse(chunks())
+
+    @app.get("/big-stream")
+    async def big_stream() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(10):
+                yield b"y" * 500
+
+        return StreamingResponse(chunks())  # chunked: no Content-Length to refuse early
+
+    @app.get("/tasks/{task_id}/presign/")
+    async def presign(task_id: int, fileuri: str, request: Request) -> Response:
+        if not _authorised(request):
+            return JSONResponse({"detail": "Authentication credentials were not provided."}, 401)
+        uri = base64.urlsafe_b64decode(fileuri).decode()
+        with SEEN.lock:
+            SEEN.presigned.append((task_id, uri))
+        key = uri.split("://", 1)[1]
+        return RedirectResponse(f"{other_host(request)}/signed/{key}?X-Amz-Signature=s3cr3t", 303)
+
+    @app.get("/signed/{key:path}")
+    async def signed(key: str) -> Response:
+        return Response(f"signed:{key}".encode())
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with serve_in_thread(_build_app()) as url:
+        yield url
+
+
+@pytest.fixture(autouse=True)
+def _reset_seen() -> None:
+    global SEEN
+    SEEN = Seen()
+
+
+@pytest.fixture
+def make_fetcher(server: str) -> Iterator[Any]:
+    fetchers: list[ImageFetcher] = []
+
+    def make(api_key: str | None = TOKEN, **settings: Any) -> ImageFetcher:
+        auth = LabelStudioAuth(server, api_key) if api_key else None
+        fetcher = ImageFetcher(FetchSettings(label_studio_url=server, **settings), auth)
+        fetchers.append(fetcher)
+        return fetcher
+
+    yield make
+    for fetcher in fetchers:
+        fetcher.close()
+
+
+def other(server: str) -> str:
+    """The same test server under another host name: a different origin for the fetcher."""
+    return server.replace("127.0.0.1", "localhost")
+
+
+# --------------------------------------------------------------------------- resolve_url
+
+
+def _settings(**kwargs: Any) -> FetchSettings:
+    return FetchSettings(label_studio_url=kwargs.pop("label_studio_url", LS + "/"), **kwargs)
+
+
+def test_relative_upload_url_joins_label_studio_with_auth() -> None:
+    assert resolve_url("/data/upload/3/a.png", _settings()) == ResolvedSource(
+        "http", f"{LS}/data/upload/3/a.png", True
+    )
+
+
+def test_relative_url_without_label_studio_url_says_to_set_it() -> None:
+    with pytest.raises(ImageFetchError, match="LABEL_STUDIO_URL"):
+        resolve_url("/data/upload/3/a.png", _settings(label_studio_url=None))
+
+
+@pytest.mark.parametrize(
+    ("url", "send_auth"),
+    [
+        (f"{LS}/data/upload/1/a.png", True),
+        ("HTTP://LS.EXAMPLE:8080/data/upload/1/a.png", True),
+        ("http://ls.example:8081/data/upload/1/a.png", False),  # other port
+        ("https://ls.example:8080/data/upload/1/a.png", False),  # other scheme
+        ("http://elsewhere.example:8080/a.png", False),
+        ("https://cdn.example/a.png?sig=1", False),
+    ],
+)
+def test_auth_only_for_label_studio_origin(url: str, send_auth: bool) -> None:
+    source = resolve_url(url, _settings())
+    assert (source.kind, source.location, source.send_auth) == ("http", url, send_auth)
+
+
+def test_default_ports_are_the_same_origin() -> None:
+    settings = _settings(label_studio_url="https://ls.example")
+    assert resolve_url("https://ls.example:443/data/upload/1/a.png", settings).send_auth
+
+
+@pytest.mark.parametrize("prefix", ["", LS])
+def test_local_files_read_from_document_root(tmp_path: Path, prefix: str) -> None:
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "a b.png").write_bytes(b"x")
+    source = resolve_url(
+        f"{prefix}/data/local-files/?d=dir/a%20b.png", _settings(document_root=tmp_path)
+    )
+    assert source == ResolvedSource(
+        "local_file", str(tmp_path.resolve() / "dir" / "a b.png"), False
+    )
+
+
+def test_local_files_without_document_root_go_through_label_studio() -> None:
+    source = resolve_url("/data/local-files/?d=dir/a.png", _settings())
+    assert source == ResolvedSource("http", f"{LS}/data/local-files/?d=dir/a.png", True)
+
+
+def test_local_files_on_another_host_are_not_read_from_disk(tmp_path: Path) -> None:
+    url = "http://elsewhere.example/data/local-files/?d=a.png"
+    source = resolve_url(url, _settings(document_root=tmp_path))
+    assert source == ResolvedSource("http", url, False)
+
+
+@pytest.mark.parametrize("d", ["../secret.png", "dir/../../secret.png", "/etc/passwd", ""])
+def test_local_files_outside_the_root_are_refused(tmp_path: Path, d: str) -> None:
+    with pytest.raises(ImageFetchError, match="refusing local file"):
+        resolve_url(f"/data/local-files/?d={d}", _settings(document_root=tmp_path))
+
+
+def test_symlink_escaping_the_root_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "secret.png").write_bytes(b"secret")
+    (root / "inside.png").write_bytes(b"ok")
+    (root / "escape.png").symlink_to(tmp_path / "secret.png")
+    (root / "alias.png").symlink_to(root / "inside.png")
+    settings = _settings(document_root=root)
+    with pytest.raises(ImageFetchError, match="outside the document root"):
+        resolve_url("/data/local-files/?d=escape.png", settings)
+    # A link that stays inside the root is fine.
+    assert resolve_url("/data/local-files/?d=alias.png", settings).location == str(
+        root.resolve() / "inside.png"
+    )
+
+
+@pytest.mark.parametrize(
+    "uri", ["s3://bucket/dir/a.png", "gs://bucket/a b.png", "azure-blob://container/a.png"]
+)
+def test_cloud_uris_go_through_the_presign_endpoint(uri: str) -> None:
+    source = resolve_url(uri, _settings(), task_id=42)
+    assert source.kind == "presign" and source.send_auth
+    prefix = f"{LS}/tasks/42/presign/?fileuri="
+    assert source.location.startswith(prefix)
+    assert base64.urlsafe_b64decode(source.location.removeprefix(prefix)).decode() == uri
+
+
+def test_cloud_uri_needs_a_task_id_and_label_studio() -> None:
+    with pytest.raises(ImageFetchError, match="task id"):
+        resolve_url("s3://bucket/a.png", _settings())
+    with pytest.raises(ImageFetchError, match="LABEL_STUDIO_URL"):
+        resolve_url("s3://bucket/a.png", _settings(label_studio_url=None), task_id=1)
+
+
+@pytest.mark.parametrize(
+    "url", ["file:///etc/passwd", "ftp://host/a.png", "data:image/png;base64,iVBORw0KGgo="]
+)
+def test_unsupported_schemes_are_refused(url: str) -> None:
+    with pytest.raises(ImageFetchError, match="unsupported URL scheme"):
+        resolve_url(url, _settings())
+
+
+def test_relative_path_without_slash_is_refused() -> None:
+    with pytest.raises(ImageFetchError, match="unsupported image URL"):
+        resolve_url("images/a.png", _settings())
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+def test_upload_url_is_fetched_with_the_token(make_fetcher: Any) -> None:
+    assert make_fetcher().fetch_bytes("/data/upload/1/a.png") == b"upload:1/a.png"
+    assert SEEN.auth_for("/data/upload/1/a.png") == [f"Token {TOKEN}"]
+
+
+def test_other_host_gets_no_token(make_fetcher: Any, server: str) -> None:
+    data = make_fetcher().fetch_bytes(f"{other(server)}/files/plain?size=10")
+    assert data == blob("plain", 10)
+    assert SEEN.requests == [(other(server).removeprefix("http://"), "/files/plain", None)]
+
+
+def test_redirect_to_other_host_drops_the_token(make_fetcher: Any, server: str) -> None:
+    assert make_fetcher().fetch_bytes(f"{server}/to-other-host") == blob("redirected", 1000)
+    assert SEEN.auth_for("/to-other-host") == [f"Token {TOKEN}"]
+    assert SEEN.auth_for("/files/redirected") == [None]
+
+
+def test_redirect_back_to_label_studio_sends_the_token_again(
+    make_fetcher: Any, server: str
+) -> None:
+    assert make_fetcher().fetch_bytes(f"{other(server)}/back-to-ls") == b"upload:1/back.png"
+    assert SEEN.auth_for("/back-to-ls") == [None]
+    assert SEEN.auth_for("/data/upload/1/back.png") == [f"Token {TOKEN}"]
+
+
+def test_redirect_loop_is_refused(make_fetcher: Any) -> None:
+    with pytest.raises(ImageFetchError, match="redirect loop"):
+        make_fetcher().fetch_bytes("/loop/a")
+    assert len(SEEN.requests) == 2
+
+
+def test_too_many_redirects_are_refused(make_fetcher: Any) -> None:
+    with pytest.raises(ImageFetchError, match="too many redirects"):
+        make_fetcher(max_redirects=3).fetch_bytes("/chain/0")
+    assert SEEN.paths() == ["/chain/0", "/chain/1", "/chain/2", "/chain/3"]
+
+
+def test_missing_token_says_to_set_it(make_fetcher: Any) -> None:
+    with pytest.raises(ImageFetchError, match="no API token was sent; set LABEL_STUDIO_API_KEY"):
+        make_fetcher(api_key=None).fetch_bytes("/data/upload/1/a.png")
+
+
+def test_wrong_token_says_to_set_it(make_fetcher: Any) -> None:
+    with pytest.raises(ImageFetchError) as info:
+        make_fetcher(api_key="0" * 40).fetch_bytes("/data/upload/1/a.png")
+    assert "HTTP 401" in info.value.reason
+    assert "refused the API token" in info.value.reason
+    assert "LABEL_STUDIO_API_KEY" in info.value.reason
+    assert "0" * 40 not in info.value.reason
+
+
+def test_401_from_another_host_explains_why_no_token_was_sent(
+    make_fetcher: Any, server: str
+) -> None:
+    with pytest.raises(ImageFetchError, match="not LABEL_STUDIO_URL"):
+        make_fetcher().fetch_bytes(f"{other(server)}/data/upload/1/a.png")
+
+
+def test_revoked_access_token_is_renewed_once(make_fetcher: Any) -> None:
+    SEEN.revoked_jtis.add("1")  # the first access token issued is refused
+    fetcher = make_fetcher(api_key=make_jwt({"token_type": "refresh", "exp": 2**31}))
+    assert fetcher.fetch_bytes("/data/upload/1/a.png") == b"upload:1/a.png"
+    assert SEEN.exchanges == 2
+    assert len(SEEN.auth_for("/data/upload/1/a.png")) == 2
+
+
+def test_404_is_reported_with_the_status(make_fetcher: Any) -> None:
+    with pytest.raises(ImageFetchError, match="HTTP 404 Not Found from .*/status/404"):
+        make_fetcher().fetch_bytes("/status/404")
+
+
+def test_slow_server_times_out(make_fetcher: Any) -> None:
+    start = time.monotonic()
+    with pytest.raises(ImageFetchError, match=r"timed out after 0\.5 s"):
+        make_fetcher(timeout_s=0.5).fetch_bytes("/slow")
+    assert time.monotonic() - start < 1.5
+
+
+def test_trickling_server_times_out(make_fetcher: Any) -> None:
+    start = time.monotonic()
+    with pytest.raises(ImageFetchError, match=r"timed out after 0\.5 s"):
+        make_fetcher(timeout_s=0.5).fetch_bytes("/trickle")
+    assert time.monotonic() - start < 1.5
+
+
+@pytest.mark.parametrize("path", ["/files/big?size=2000", "/big-stream"])
+def test_oversize_body_is_refused(make_fetcher: Any, path: str) -> None:
+    with pytest.raises(ImageFetchError, match="larger than"):
+        make_fetcher(max_image_bytes=1000).fetch_bytes(path)
+
+
+def test_presign_flow_for_s3(make_fetcher: Any) -> None:
+    data = make_fetcher().fetch_bytes("s3://bucket/dir/a.png", task_id=7)
+    assert data == b"signed:bucket/dir/a.png"
+    assert SEEN.presigned == [(7, "s3://bucket/dir/a.png")]
+    assert SEEN.auth_for("/tasks/7/presign/") == [f"Token {TOKEN}"]
+    assert SEEN.auth_for("/signed/bucket/dir/a.png") == [None]
+
+
+def test_signed_url_is_not_shown_in_errors(make_fetcher: Any, server: str) -> None:
+    with pytest.raises(ImageFetchError) as info:
+        make_fetcher().fetch_bytes(f"{other(server)}/status/403?X-Amz-Signature=s3cr3t")
+    assert "s3cr3t" not in info.value.reason
+
+
+def test_local_file_is_read_from_the_document_root(make_fetcher: Any, tmp_path: Path) -> None:
+    root, cache = tmp_path / "root", tmp_path / "cache"
+    (root / "dir").mkdir(parents=True)
+    (root / "dir" / "a.png").write_bytes(b"on disk")
+    fetcher = make_fetcher(document_root=root, cache_dir=cache)
+    assert fetcher.fetch_bytes("/data/local-files/?d=dir/a.png") == b"on disk"
+    assert SEEN.requests == []
+    assert list(cache.iterdir()) == []  # local files are not cached
+    with pytest.raises(ImageFetchError, match="LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"):
+        fetcher.fetch_bytes("/data/local-files/?d=dir/missing.png")
+
+
+def test_local_file_over_the_size_limit_is_refused(make_fetcher: Any, tmp_path: Path) -> None:
+    (tmp_path / "big.png").write_bytes(b"z" * 2000)
+    fetcher = make_fetcher(document_root=tmp_path, max_image_bytes=1000)
+    with pytest.raises(ImageFetchError, match="larger than"):
+        fetcher.fetch_bytes("/data/local-files/?d=big.png")
+
+
+def test_local_files_without_document_root_are_downloaded(make_fetcher: Any) -> None:
+    assert make_fetcher().fetch_bytes("/data/local-files/?d=dir/a.png") == b"ls-local:dir/a.png"
+    assert SEEN.auth_for("/data/local-files/") == [f"Token {TOKEN}"]
+
+
+def test_cache_hit_avoids_a_second_request(make_fetcher: Any, server: str, tmp_path: Path) -> None:
+    fetcher = make_fetcher(cache_dir=tmp_path)
+    assert fetcher.fetch_bytes("/data/upload/1/a.png") == b"upload:1/a.png"
+    assert fetcher.fetch_bytes("/data/upload/1/a.png") == b"upload:1/a.png"
+    assert len(SEEN.requests) == 1
+    key = hashlib.sha256(f"{server}/data/upload/1/a.png".encode()).hexdigest()
+    assert [p.name for p in tmp_path.iterdir()] == [key]
+    # The key is the URL, not the token: another fetcher with another token hits it too.
+    other_token = make_fetcher(api_key="f" * 40, cache_dir=tmp_path)
+    assert other_token.fetch_bytes("/data/upload/1/a.png") == b"upload:1/a.png"
+    assert len(SEEN.requests) == 1
+
+
+def test_cache_evicts_least_recently_used(make_fetcher: Any, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not ours")  # never evicted: the cache did not write it
+    fetcher = make_fetcher(cache_dir=tmp_path, cache_max_bytes=2500)
+
+    def fetch(name: str) -> None:
+        assert fetcher.fetch_bytes(f"/files/{name}") == blob(name, 1000)
+        time.sleep(0.02)  # distinct mtimes even on coarse-grained filesystems
+
+    fetch("a")
+    fetch("b")
+    fetch("a")  # hit: a is now more recent than b
+    fetch("c")  # 3000 bytes > 2500: b goes
+    assert SEEN.paths() == ["/files/a", "/files/b", "/files/c"]
+    cached = [p for p in tmp_path.iterdir() if p.name != "notes.txt"]
+    assert len(cached) == 2
+    assert sum(p.stat().st_size for p in cached) <= 2500
+    fetch("a")
+    fetch("c")
+    assert SEEN.paths() == ["/files/a", "/files/b", "/files/c"]
+    fetch("b")
+    assert SEEN.paths()[-1] == "/files/b"
+    assert (tmp_path / "notes.txt").exists()
+
+
+def test_concurrent_fetches_share_the_client_and_cache(make_fetcher: Any, tmp_path: Path) -> None:
+    fetcher = make_fetcher(cache_dir=tmp_path, cache_max_bytes=5000)
+    names = [f"n{i}" for i in range(16)]
+    results: dict[str, bytes] = {}
+    errors: list[BaseException] = []
+
+    def work(batch: list[str]) -> None:
+        try:
+            for name in batch:
+                results[name] = fetcher.fetch_bytes(f"/files/{name}")
+        except BaseException as exc:  # surfaced by the assertions below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(names[i::4],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert not errors
+    assert results == {name: blob(name, 1000) for name in names}
+    assert sum(p.stat().st_size for p in tmp_path.iterdir()) <= 5000
+
+
+def test_fetch_image_decodes(make_fetcher: Any, tmp_path: Path) -> None:
+    _encode(Image.new("RGBA", (4, 3), (10, 20, 30, 40)), "PNG", tmp_path / "a.png")
+    image = make_fetcher(document_root=tmp_path).fetch_image("/data/local-files/?d=a.png")
+    assert (image.mode, image.size, image.getpixel((0, 0))) == ("RGB", (4, 3), (10, 20, 30))
+
+
+def test_label_studio_url_without_scheme_is_refused() -> None:
+    with pytest.raises(ValueError, match="LABEL_STUDIO_URL"):
+        ImageFetcher(FetchSettings(label_studio_url="localhost:8080"), None)
+
+
+def test_token_for_another_label_studio_is_refused(server: str) -> None:
+    with pytest.raises(ValueError, match="same LABEL_STUDIO_URL"):
+        ImageFetcher(FetchSettings(label_studio_url=other(server)), LabelStudioAuth(server, TOKEN))
+
+
+# --------------------------------------------------------------------------- decode_image
+
+
+def _encode(image: Image.Image, fmt: str, path: Path | None = None, **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    if path is not None:
+        path.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _png() -> bytes:
+    return _encode(Image.new("RGB", (32, 32), (200, 100, 50)), "PNG")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty"),
+        (b"just some text, not an image\n", "not an image"),
+        (_png()[:60], "corrupt or truncated"),
+        (_png()[:20] + b"\x00" * 200, "corrupt or truncated|not an image"),
+    ],
+    ids=["zero-bytes", "text", "truncated", "corrupt"],
+)
+def test_bad_data_raises_image_fetch_error(data: bytes, message: str) -> None:
+    with pytest.raises(ImageFetchError, match=message):
+        decode_image(data)
+
+
+def test_truncated_jpeg_is_refused() -> None:
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    data = _encode(noisy, "JPEG")
+    with pytest.raises(ImageFetchError, match="corrupt or truncated"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_decompression_bomb_is_refused() -> None:
+    data = _encode(Image.new("L", (100, 100)), "PNG")
+    with pytest.raises(ImageFetchError, match="exceeds the limit of 5000 pixels"):
+        decode_image(data, max_pixels=5000)
+    assert decode_image(data, max_pixels=10_000).size == (100, 100)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped() -> None:
+    ramp = np.tile(np.arange(0, 65536, 4096, dtype=np.uint16), (4, 1))  # 0 .. 61440
+    image = decode_image(_encode(Image.fromarray(ramp), "PNG"))
+    assert image.mode == "RGB"
+    assert list(np.asarray(image)[0, :, 0]) == list(range(0, 256, 16))
+
+
+@pytest.mark.parametrize(
+    ("image", "fmt", "expected"),
+    [
+        (Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG", (255, 0, 0)),
+        (Image.new("RGB", (8, 8), (0, 0, 255)).convert("P"), "PNG", (0, 0, 255)),
+        (Image.new("RGBA", (8, 8), (0, 255, 0, 128)), "PNG", (0, 255, 0)),
+        (Image.new("LA", (8, 8), (77, 0)), "PNG", (77, 77, 77)),
+        (Image.new("1", (8, 8), 1), "PNG", (255, 255, 255)),
+    ],
+    ids=["cmyk-jpeg", "palette-png", "rgba-png", "la-png", "bilevel-png"],
+)
+def test_valid_modes_come_back_as_rgb(
+    image: Image.Image, fmt: str, expected: tuple[int, int, int]
+) -> None:
+    decoded = decode_image(_encode(image, fmt))
+    assert decoded.mode == "RGB"
+    assert decoded.size == (8, 8)
+    assert all(abs(a - b) <= 3 for a, b in zip(decoded.getpixel((4, 4)), expected, strict=True))
+
+
+def test_exif_rotated_jpeg_comes_back_upright() -> None:
+    # Stored 40 wide x 20 high: left half red, right half blue. Orientation 6 means "rotate
+    # 90 degrees clockwise to display", so upright it is 20 x 40 with red on top.
+    stored = Image.new("RGB", (40, 20), (255, 0, 0))
+    stored.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    decoded = decode_image(_encode(stored, "JPEG", exif=exif.tobytes(), quality=95))
+    assert decoded.size == (20, 40)
+    top, bottom = decoded.getpixel((10, 5)), decoded.getpixel((10, 35))
+    assert top[0] > 200 and top[2] < 60
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_first_frame_of_an_animated_gif() -> None:
+    frames = [Image.new("P", (6, 6), i) for i in range(3)]
+    data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert decode_image(data).mode == "RGB"
+
+
+def test_cache_leaves_foreign_and_fresh_temp_files(tmp_path: Path, make_fetcher: Any) -> None:
+    stale, fresh = tmp_path / ".old.tmp", tmp_path / ".new.tmp"
+    stale.write_bytes(b"left by a crash")
+    fresh.write_bytes(b"being written")
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    make_fetcher(cache_dir=tmp_path).fetch_bytes("/files/t")
+    assert not stale.exists()
+    assert fresh.exists()
