@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,7 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory):
         free_port,
     )
 
-    executable = ensure_label_studio(REPO / ".venv-ls")
+    executable = ensure_label_studio(Path(os.environ.get("LABELLOOP_LS_VENV", REPO / ".venv-ls")))
     root = tmp_path_factory.mktemp("label-studio")
     settings = LabelStudioSettings(
         data_dir=root / "data", document_root=root / "files", port=free_port()
@@ -83,10 +84,13 @@ def backend_factory(label_studio, trained_model, tmp_path_factory: pytest.TempPa
     server, _ = label_studio
     started: list[BackendProcess] = []
 
-    def start(*, basic_auth: tuple[str, str] | None = None, model_dir: Path | None = None) -> BackendProcess:
+    def start(
+        *, basic_auth: tuple[str, str] | None = None, model_dir: Path | None = None
+    ) -> BackendProcess:
         logs = tmp_path_factory.mktemp("backend")
         backend = BackendProcess(
-            model_dir or trained_model[0], logs / "backend.log",
+            model_dir or trained_model[0],
+            logs / "backend.log",
             env={
                 "LABEL_STUDIO_URL": server.settings.url,
                 "LABEL_STUDIO_API_KEY": server.settings.token,

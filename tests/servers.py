@@ -18,7 +18,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_in_thread(app, *, port: int | None = None, start_timeout_s: float = 20.0) -> Iterator[str]:
+def serve_in_thread(
+    app, *, port: int | None = None, start_timeout_s: float = 20.0
+) -> Iterator[str]:
     """Run an ASGI app on 127.0.0.1 until the block exits; yields its base URL."""
     port = port or free_port()
     server = uvicorn.Server(
@@ -41,7 +43,9 @@ def serve_in_thread(app, *, port: int | None = None, start_timeout_s: float = 20
 class BackendProcess:
     """`labelloop serve` as a real process, for Label Studio to call."""
 
-    def __init__(self, model_dir, log_path, *, env: dict[str, str], basic_auth: tuple[str, str] | None = None):
+    def __init__(
+        self, model_dir, log_path, *, env: dict[str, str], basic_auth: tuple[str, str] | None = None
+    ):
         import os
         import subprocess
         import sys
@@ -55,9 +59,21 @@ class BackendProcess:
             full_env.update(BASIC_AUTH_USER=basic_auth[0], BASIC_AUTH_PASS=basic_auth[1])
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "labelloop", "serve", "--model-dir", str(model_dir),
-             "--host", "127.0.0.1", "--port", str(self.port)],
-            env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "labelloop",
+                "serve",
+                "--model-dir",
+                str(model_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         self._wait_ready()
 

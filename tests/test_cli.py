@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from labelloop.cli import app
@@ -31,9 +30,23 @@ def test_console_script_help_lists_the_commands() -> None:
 def test_train_help_explains_the_common_flags() -> None:
     result = invoke("train", "--help")
     assert result.exit_code == 0
-    for flag in ("--epochs", "--batch-size", "--image-size", "--backbone", "--lr", "--patience",
-                 "--seed", "--config", "--allow-new-classes", "--init-from", "--init-mode",
-                 "--resume", "--materialize-splits", "--label-columns", "--labelstudio-export"):
+    for flag in (
+        "--epochs",
+        "--batch-size",
+        "--image-size",
+        "--backbone",
+        "--lr",
+        "--patience",
+        "--seed",
+        "--config",
+        "--allow-new-classes",
+        "--init-from",
+        "--init-mode",
+        "--resume",
+        "--materialize-splits",
+        "--label-columns",
+        "--labelstudio-export",
+    ):
         assert flag in result.output, flag
 
 
@@ -47,9 +60,21 @@ def test_demo_data_command(tmp_path: Path) -> None:
 def test_unknown_labels_exit_2_with_the_list_and_no_traceback(demo_dataset, tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text('[data]\nclasses = {components = ["bolt", "nut"]}\n')
-    result = invoke("--log-level", "ERROR", "train", "--model-dir", tmp_path / "m",
-                    "--images", demo_dataset.images_dir, "--metadata", demo_dataset.metadata_csv,
-                    "--config", config, "--weights", "none")
+    result = invoke(
+        "--log-level",
+        "ERROR",
+        "train",
+        "--model-dir",
+        tmp_path / "m",
+        "--images",
+        demo_dataset.images_dir,
+        "--metadata",
+        demo_dataset.metadata_csv,
+        "--config",
+        config,
+        "--weights",
+        "none",
+    )
     assert result.exit_code == 2
     assert "'washer' x" in result.output and "--allow-new-classes" in result.output
     assert "Traceback" not in result.output
@@ -57,8 +82,17 @@ def test_unknown_labels_exit_2_with_the_list_and_no_traceback(demo_dataset, tmp_
 
 
 def test_bad_flag_value_is_a_usage_error(demo_dataset, tmp_path: Path) -> None:
-    result = invoke("train", "--model-dir", tmp_path, "--images", demo_dataset.images_dir,
-                    "--metadata", demo_dataset.metadata_csv, "--backbone", "vgg11")
+    result = invoke(
+        "train",
+        "--model-dir",
+        tmp_path,
+        "--images",
+        demo_dataset.images_dir,
+        "--metadata",
+        demo_dataset.metadata_csv,
+        "--backbone",
+        "vgg11",
+    )
     assert result.exit_code == 2
     assert "backbone must be one of" in result.output
 
@@ -66,10 +100,24 @@ def test_bad_flag_value_is_a_usage_error(demo_dataset, tmp_path: Path) -> None:
 def test_train_with_config_file_and_flags(demo_dataset, tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("preprocess:\n  image_size: 32\noptim:\n  epochs: 5\n  batch_size: 32\n")
-    result = invoke("train", "--model-dir", tmp_path / "m", "--images", demo_dataset.images_dir,
-                    "--metadata", demo_dataset.metadata_csv, "--config", config,
-                    "--epochs", "1", "--weights", "none", "--no-progress",
-                    "--materialize-splits", tmp_path / "layout")
+    result = invoke(
+        "train",
+        "--model-dir",
+        tmp_path / "m",
+        "--images",
+        demo_dataset.images_dir,
+        "--metadata",
+        demo_dataset.metadata_csv,
+        "--config",
+        config,
+        "--epochs",
+        "1",
+        "--weights",
+        "none",
+        "--no-progress",
+        "--materialize-splits",
+        tmp_path / "layout",
+    )
     assert result.exit_code == 0, result.output
     assert "Report:" in result.output and "macro-F1" in result.output
     version = ModelStore(tmp_path / "m").current_version()
@@ -82,15 +130,26 @@ def test_train_with_config_file_and_flags(demo_dataset, tmp_path: Path) -> None:
 
 def test_evaluate_command(trained_model, demo_dataset, tmp_path: Path) -> None:
     model_dir, _ = trained_model
-    result = invoke("evaluate", "--model-dir", model_dir, "--images", demo_dataset.images_dir,
-                    "--metadata", demo_dataset.metadata_csv, "--out", tmp_path)
+    result = invoke(
+        "evaluate",
+        "--model-dir",
+        model_dir,
+        "--images",
+        demo_dataset.images_dir,
+        "--metadata",
+        demo_dataset.metadata_csv,
+        "--out",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["n_samples"] == 120
     assert (tmp_path / "report.md").is_file() and (tmp_path / "predictions.csv").is_file()
 
 
-def test_predict_command_reports_unreadable_images(trained_model, demo_dataset, tmp_path: Path) -> None:
+def test_predict_command_reports_unreadable_images(
+    trained_model, demo_dataset, tmp_path: Path
+) -> None:
     model_dir, outcome = trained_model
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG but not really")
@@ -105,7 +164,8 @@ def test_predict_command_reports_unreadable_images(trained_model, demo_dataset, 
     thresholds = json.loads((outcome.version_dir / "thresholds.json").read_text())
     for row in rows[:-1]:
         assert row["error"] == ""
-        expected = [c for c, t in zip(classes, thresholds) if float(row[f"p_{c}"]) >= t - 1e-4]
+        pairs = zip(classes, thresholds, strict=True)
+        expected = [c for c, t in pairs if float(row[f"p_{c}"]) >= t - 1e-4]
         assert set(row["predicted"].split(";")) - {""} <= set(expected)
         assert 0.0 <= float(row["confidence"]) <= 1.0
 

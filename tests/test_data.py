@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from labelloop.config import DataConfig, SplitConfig
+from labelloop.config import DataConfig, PreprocessConfig, SplitConfig
 from labelloop.data import (
     DataError,
     ImageDataset,
@@ -24,8 +24,6 @@ from labelloop.data import (
     write_split_manifest,
 )
 from labelloop.transforms import eval_transform
-from labelloop.config import PreprocessConfig
-
 
 # --- cells ------------------------------------------------------------------------------------
 
@@ -137,9 +135,7 @@ def test_unknown_labels_stop_the_run_with_names_counts_and_rows(tmp_path: Path) 
 
 
 def test_allow_new_classes_appends_them(tmp_path: Path) -> None:
-    csv, folder = _csv(
-        tmp_path, "image_id,components,defects\na.png,bolt;sprocket,\n", ["a.png"]
-    )
+    csv, folder = _csv(tmp_path, "image_id,components,defects\na.png,bolt;sprocket,\n", ["a.png"])
     config = DataConfig(classes={"components": ("bolt", "nut")}, allow_new_classes=True)
     data = load_metadata(csv, folder, config)
     assert data.label_space.as_dict()["components"] == ["bolt", "nut", "sprocket"]
@@ -166,7 +162,9 @@ def test_missing_and_unreadable_images_are_reported_and_excluded(tmp_path: Path)
 
 def test_missing_columns_name_what_exists(tmp_path: Path) -> None:
     csv, folder = _csv(tmp_path, "file,labels\na.png,bolt\n", ["a.png"])
-    with pytest.raises(DataError, match=r"lacks column\(s\) \['image_id', 'components', 'defects'\]"):
+    with pytest.raises(
+        DataError, match=r"lacks column\(s\) \['image_id', 'components', 'defects'\]"
+    ):
         load_metadata(csv, folder, DataConfig())
     data = load_metadata(csv, folder, DataConfig(image_column="file", label_columns=("labels",)))
     assert data.label_space.classes == ["bolt"]
@@ -194,7 +192,12 @@ def test_labelstudio_export(tmp_path: Path) -> None:
         _image(folder / name)
 
     def choice(name: str, values: list[str]) -> dict:
-        return {"from_name": name, "to_name": "image", "type": "choices", "value": {"choices": values}}
+        return {
+            "from_name": name,
+            "to_name": "image",
+            "type": "choices",
+            "value": {"choices": values},
+        }
 
     tasks = [
         {
@@ -202,20 +205,27 @@ def test_labelstudio_export(tmp_path: Path) -> None:
             "data": {"image": "/data/upload/3/1a2b3c4d-one.png"},
             "annotations": [
                 {"id": 10, "updated_at": "2026-01-01", "result": [choice("parts", ["bolt"])]},
-                {"id": 11, "updated_at": "2026-02-01",
-                 "result": [choice("parts", ["nut"]), choice("damage", ["rust"])]},
+                {
+                    "id": 11,
+                    "updated_at": "2026-02-01",
+                    "result": [choice("parts", ["nut"]), choice("damage", ["rust"])],
+                },
             ],
         },
         {
             "id": 2,
             "data": {"image": "http://ls:8080/data/local-files/?d=images/two.png"},
             "annotations": [
-                {"id": 20, "updated_at": "2026-03-01", "ground_truth": True,
-                 "result": [choice("parts", ["gear"])]},
+                {
+                    "id": 20,
+                    "updated_at": "2026-03-01",
+                    "ground_truth": True,
+                    "result": [choice("parts", ["gear"])],
+                },
                 {"id": 21, "updated_at": "2026-04-01", "result": [choice("parts", ["bolt"])]},
             ],
         },
-        {   # skipped: no training data
+        {  # skipped: no training data
             "id": 3,
             "data": {"image": "/data/upload/3/three.png"},
             "annotations": [{"id": 30, "was_cancelled": True, "result": []}],
@@ -236,9 +246,13 @@ def test_labelstudio_export(tmp_path: Path) -> None:
 def test_export_image_resolution(tmp_path: Path) -> None:
     _image(tmp_path / "sub" / "x.png")
     _image(tmp_path / "y.png")
-    assert resolve_export_image("/data/local-files/?d=sub/x.png", tmp_path) == tmp_path / "sub/x.png"
+    assert (
+        resolve_export_image("/data/local-files/?d=sub/x.png", tmp_path) == tmp_path / "sub/x.png"
+    )
     assert resolve_export_image("/data/upload/7/deadbeef-y.png", tmp_path) == tmp_path / "y.png"
-    assert resolve_export_image("https://example.com/a/b/y.png?sig=1", tmp_path) == tmp_path / "y.png"
+    assert (
+        resolve_export_image("https://example.com/a/b/y.png?sig=1", tmp_path) == tmp_path / "y.png"
+    )
 
 
 def test_export_that_is_not_json_is_a_clear_error(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -60,13 +59,20 @@ def test_backend_connects(label_studio, project, connected) -> None:
     assert backends[0]["state"] == "CO", backends[0]  # connected
 
 
-def test_retrieve_predictions_stores_valid_predictions(label_studio, project, connected, backend) -> None:
+def test_retrieve_predictions_stores_valid_predictions(
+    label_studio, project, connected, backend
+) -> None:
     _, client = label_studio
     pid = project["id"]
     client.retrieve_predictions(pid)
     predictions = _wait_for(
-        lambda: client.predictions(project_id=pid) if len(client.predictions(project_id=pid)) >= 10 else None,
-        timeout_s=60, what="predictions for 10 tasks",
+        lambda: (
+            client.predictions(project_id=pid)
+            if len(client.predictions(project_id=pid)) >= 10
+            else None
+        ),
+        timeout_s=60,
+        what="predictions for 10 tasks",
     )
     config = parse_label_config(project["config"])
     controls = {c.name: c for c in config.controls}
@@ -85,15 +91,20 @@ def test_retrieve_predictions_stores_valid_predictions(label_studio, project, co
     assert any(p["result"] for p in by_task.values())
 
 
-def test_opening_a_task_without_prediction_triggers_one(label_studio, project, connected, demo_dataset) -> None:
+def test_opening_a_task_without_prediction_triggers_one(
+    label_studio, project, connected, demo_dataset
+) -> None:
     _, client = label_studio
     pid = project["id"]
     image = sorted(demo_dataset.images_dir.glob("*.png"))[12]
     [task_id] = client.import_files(pid, [image])
     assert client.predictions(task_id=task_id) == []
     client.get_task(task_id)
-    _wait_for(lambda: client.predictions(task_id=task_id), timeout_s=30,
-              what="a prediction after opening the task")
+    _wait_for(
+        lambda: client.predictions(task_id=task_id),
+        timeout_s=30,
+        what="a prediction after opening the task",
+    )
 
 
 def test_backend_with_basic_auth(label_studio, project, backend_factory) -> None:
@@ -102,6 +113,7 @@ def test_backend_with_basic_auth(label_studio, project, backend_factory) -> None
     assert httpx.get(f"{secured.url}/health", timeout=5).status_code == 401
     with pytest.raises(LabelStudioAPIError):
         client.connect_ml_backend(project["id"], secured.url, title="no-auth")
-    ml = client.connect_ml_backend(project["id"], secured.url, title="with-auth",
-                                   basic_auth=("ls-user", "ls-pass"))
+    ml = client.connect_ml_backend(
+        project["id"], secured.url, title="with-auth", basic_auth=("ls-user", "ls-pass")
+    )
     assert ml["state"] == "CO"

@@ -22,9 +22,7 @@ from labelloop.thresholds import ThresholdResult
 CLASSES = ["bolt", "nut", "scratch"]
 Y_TRUE = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 0]])
 Y_PRED = np.array([[1, 0, 0], [0, 1, 1], [1, 0, 0], [0, 1, 0]])
-Y_PROB = np.array(
-    [[0.9, 0.2, 0.4], [0.1, 0.8, 0.7], [0.7, 0.3, 0.2], [0.2, 0.6, 0.1]], dtype=float
-)
+Y_PROB = np.array([[0.9, 0.2, 0.4], [0.1, 0.8, 0.7], [0.7, 0.3, 0.2], [0.2, 0.6, 0.1]], dtype=float)
 GROUPS = {"components": ["bolt", "nut"], "defects": ["scratch"]}
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -53,9 +51,7 @@ def test_metrics_hand_computed() -> None:
         "support": 2,
         "average_precision": pytest.approx(average_precision_score(Y_TRUE[:, 1], Y_PROB[:, 1])),
     }
-    expected_map = np.mean(
-        [average_precision_score(Y_TRUE[:, c], Y_PROB[:, c]) for c in range(3)]
-    )
+    expected_map = np.mean([average_precision_score(Y_TRUE[:, c], Y_PROB[:, c]) for c in range(3)])
     assert m["mAP"] == pytest.approx(expected_map)
 
 
@@ -67,9 +63,7 @@ def test_support_zero_class_excluded_from_map() -> None:
     m = compute_metrics(y_true, y_pred, y_prob, classes)
     assert m["per_class"]["crack"]["average_precision"] is None
     assert m["per_class"]["crack"]["support"] == 0
-    expected_map = np.mean(
-        [average_precision_score(Y_TRUE[:, c], Y_PROB[:, c]) for c in range(3)]
-    )
+    expected_map = np.mean([average_precision_score(Y_TRUE[:, c], Y_PROB[:, c]) for c in range(3)])
     assert m["mAP"] == pytest.approx(expected_map)
 
 

@@ -6,11 +6,9 @@ with LABELLOOP_LS_VENV). Booting costs ~45 s on a fresh data dir (database migra
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -22,9 +20,7 @@ from labelloop.labelstudio.client import LabelStudioAPIError, LabelStudioClient
 from labelloop.labelstudio.launcher import (
     LABEL_STUDIO_VERSION,
     LabelStudioServer,
-    LabelStudioSettings,
     ensure_label_studio,
-    free_port,
 )
 
 pytestmark = pytest.mark.slow
@@ -55,21 +51,14 @@ def _png(path: Path, color: tuple[int, int, int]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
-    logging.getLogger("labelloop").setLevel(logging.INFO)
-    executable = ensure_label_studio(LS_VENV)
-    root = tmp_path_factory.mktemp("label-studio")
-    settings = LabelStudioSettings(
-        data_dir=root / "data", document_root=root / "files", port=free_port()
-    )
-    with LabelStudioServer(executable, settings, log_file=root / "label-studio.log") as srv:
-        yield srv
+def server(label_studio) -> LabelStudioServer:
+    """The run's one Label Studio (conftest.py boots it once)."""
+    return label_studio[0]
 
 
 @pytest.fixture(scope="module")
-def client(server: LabelStudioServer) -> Iterator[LabelStudioClient]:
-    with LabelStudioClient(server.url, server.settings.token) as c:
-        yield c
+def client(label_studio) -> LabelStudioClient:
+    return label_studio[1]
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize(
-    "backbone", ["resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0"]
+    "backbone",
+    ["resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0"],
 )
 def test_every_backbone_gets_a_head_of_the_right_size(backbone: str) -> None:
     model = build_model(backbone, 7).eval()
@@ -71,7 +72,9 @@ def test_imagenet_weights_are_read_from_the_torch_hub_cache(
 
 def test_weights_file_loads_the_backbone(source_model: torch.nn.Module, tmp_path: Path) -> None:
     path = tmp_path / "w.pth"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in source_model.state_dict().items()}}, path)
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in source_model.state_dict().items()}}, path
+    )
     model = build_model("resnet18", 9, weights=str(path))
     assert _same(model.layer4[1].conv2.weight, source_model.layer4[1].conv2.weight)
     assert model.fc.out_features == 9
@@ -95,7 +98,9 @@ def test_checkpoint_that_needs_pickle_is_refused(tmp_path: Path) -> None:
 
     # torchvision's reference scripts save their argparse Namespace beside the weights; such a
     # pickle could as well run code, so weights_only loading must refuse it.
-    torch.save({"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=1)}, tmp_path / "evil.pth")
+    torch.save(
+        {"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=1)}, tmp_path / "evil.pth"
+    )
     with pytest.raises(CheckpointError, match="weights_only=True"):
         read_checkpoint(tmp_path / "evil.pth")
 
@@ -131,7 +136,10 @@ def test_backbone_only_mode_leaves_the_head(source_model: torch.nn.Module) -> No
     assert {"fc.weight: head", "fc.bias: head"} <= set(report.skipped)
 
 
-@pytest.mark.parametrize(("backbone", "dropout"), [("resnet18", 0.0), ("resnet34", 0.0), ("mobilenet_v2", 0.0), ("resnet18", 0.3)])
+@pytest.mark.parametrize(
+    ("backbone", "dropout"),
+    [("resnet18", 0.0), ("resnet34", 0.0), ("mobilenet_v2", 0.0), ("resnet18", 0.3)],
+)
 def test_infer_backbone(backbone: str, dropout: float) -> None:
     state = build_model(backbone, 4, dropout=dropout).state_dict()
     found, found_dropout = infer_backbone(state)

@@ -12,13 +12,12 @@ import httpx
 import pytest
 from fastapi import FastAPI, Header, HTTPException
 from fastapi.responses import FileResponse
+from servers import serve_in_thread
 
 from labelloop.serve.app import create_app
 from labelloop.serve.predictor import LoadedModel, ModelHolder
 from labelloop.serve.settings import settings_from
 from labelloop.store import load_bundle
-
-from servers import serve_in_thread
 
 FIXTURES = Path(__file__).parent / "fixtures" / "label-studio-1.23.2"
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
@@ -96,8 +95,11 @@ def test_health_and_setup_from_fixture(client, trained_model) -> None:
 
 
 def test_setup_with_an_unusable_config_is_a_clear_422(client) -> None:
-    payload = dict(fixture("setup.json"), schema='<View><Image name="i" value="$i"/>'
-                   '<Choices name="c" toName="i"><Choice value="cat"/></Choices></View>')
+    payload = dict(
+        fixture("setup.json"),
+        schema='<View><Image name="i" value="$i"/>'
+        '<Choices name="c" toName="i"><Choice value="cat"/></Choices></View>',
+    )
     response = client.post("/setup", json=payload)
     assert response.status_code == 422
     assert "cat" in response.json()["detail"]
@@ -111,7 +113,10 @@ def test_predict_returns_one_valid_prediction_per_task(client, demo_dataset, tra
     assert response.status_code == 200, response.text
     results = response.json()["results"]
     assert len(results) == len(names)
-    choices = {"component": {"bolt", "nut", "gear", "sprocket"}, "defect": {"scratch", "crack", "rust"}}
+    choices = {
+        "component": {"bolt", "nut", "gear", "sprocket"},
+        "defect": {"scratch", "crack", "rust"},
+    }
     emitted = set()
     for item in results:
         assert item["model_version"] == outcome.version
@@ -140,7 +145,9 @@ def test_a_broken_image_fails_alone(client, demo_dataset, caplog: pytest.LogCapt
     assert sum(metrics["predict"]["failed"].values()) >= 2
 
 
-def test_wrong_token_gives_empty_predictions_not_errors(trained_model, holder, image_host, demo_dataset) -> None:
+def test_wrong_token_gives_empty_predictions_not_errors(
+    trained_model, holder, image_host, demo_dataset
+) -> None:
     with make_client(trained_model, holder, image_host, LABEL_STUDIO_API_KEY="f" * 40) as c:
         name = next(demo_dataset.images_dir.glob("*.png")).name
         response = c.post("/predict", json={"tasks": tasks_for([name]), "label_config": CONFIG})
@@ -164,16 +171,22 @@ def test_bad_requests_get_clear_4xx(client, body: bytes, status: int, detail: st
 
 
 def test_predict_with_a_config_that_is_not_xml(client) -> None:
-    response = client.post("/predict", json={"tasks": tasks_for(["x.png"]), "label_config": "<View"})
+    response = client.post(
+        "/predict", json={"tasks": tasks_for(["x.png"]), "label_config": "<View"}
+    )
     assert response.status_code == 422
     assert "XML" in response.json()["detail"]
 
 
 @pytest.mark.parametrize(
     "name",
-    ["webhook_annotation_created.json", "webhook_annotation_updated.json",
-     "webhook_annotations_deleted.json", "webhook_project_updated.json",
-     "webhook_start_training.json"],
+    [
+        "webhook_annotation_created.json",
+        "webhook_annotation_updated.json",
+        "webhook_annotations_deleted.json",
+        "webhook_project_updated.json",
+        "webhook_start_training.json",
+    ],
 )
 def test_webhooks_are_acknowledged(client, name: str) -> None:
     payload = fixture(name)
@@ -192,10 +205,17 @@ def test_versions_and_metrics(client, trained_model) -> None:
 
 
 def test_basic_auth_on_every_route(trained_model, holder, image_host) -> None:
-    with make_client(trained_model, holder, image_host,
-                     BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="s3cret") as c:
-        for method, path in [("get", "/health"), ("post", "/setup"), ("post", "/predict"),
-                             ("post", "/webhook"), ("get", "/versions"), ("get", "/metrics")]:
+    with make_client(
+        trained_model, holder, image_host, BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="s3cret"
+    ) as c:
+        for method, path in [
+            ("get", "/health"),
+            ("post", "/setup"),
+            ("post", "/predict"),
+            ("post", "/webhook"),
+            ("get", "/versions"),
+            ("get", "/metrics"),
+        ]:
             assert getattr(c, method)(path).status_code == 401, path
         good = "Basic " + base64.b64encode(b"ls:s3cret").decode()
         bad = "Basic " + base64.b64encode(b"ls:wrong").decode()

@@ -28,8 +28,12 @@ def _publish(store: ModelStore, thresholds=(0.3, 0.4, 0.5), seed: int = 0) -> st
     with store.staging() as staged:
         write_model_files(staged, model, SPACE, list(thresholds))
         manifest = manifest_for(
-            version=version, backbone="resnet18", dropout=0.0, label_space=SPACE,
-            preprocess=PreprocessConfig(image_size=48), metrics={"test": {"f1_macro": 0.5}},
+            version=version,
+            backbone="resnet18",
+            dropout=0.0,
+            label_space=SPACE,
+            preprocess=PreprocessConfig(image_size=48),
+            metrics={"test": {"f1_macro": 0.5}},
         )
         store.publish(staged, manifest)
     return version
@@ -95,8 +99,13 @@ def test_publish_refuses_an_incomplete_version(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
     with store.staging() as staged:
         (staged / "model.pth").write_bytes(b"x")
-        manifest = manifest_for(version=store.next_version_name(), backbone="resnet18", dropout=0.0,
-                                label_space=SPACE, preprocess=PreprocessConfig())
+        manifest = manifest_for(
+            version=store.next_version_name(),
+            backbone="resnet18",
+            dropout=0.0,
+            label_space=SPACE,
+            preprocess=PreprocessConfig(),
+        )
         with pytest.raises(StoreError, match="classes.json was not written"):
             store.publish(staged, manifest)
     assert store.current_version() is None
@@ -125,7 +134,9 @@ def test_current_switch_is_atomic_under_concurrent_reads(tmp_path: Path) -> None
 # --- the old loose-files layout -----------------------------------------------------------------
 
 
-def _legacy(folder: Path, n_classes: int = 3, classes_text: str | None = None, thresholds: str | None = None) -> torch.nn.Module:
+def _legacy(
+    folder: Path, n_classes: int = 3, classes_text: str | None = None, thresholds: str | None = None
+) -> torch.nn.Module:
     folder.mkdir(parents=True, exist_ok=True)
     model = build_model("resnet18", n_classes)
     torch.save(model.state_dict(), folder / "model.pth")

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 from labelloop.config import OptimConfig
 from labelloop.data import ImageDataset, collate_skip_none
@@ -14,8 +15,6 @@ from labelloop.model import build_model
 from labelloop.pipeline import DataSource, TrainOptions, run_training
 from labelloop.store import ModelStore, load_bundle
 from labelloop.train import fit, mean_average_precision
-
-from conftest import tiny_config
 
 
 def test_validation_loss_falls_on_tiny_demo_images(demo_dataset, tmp_path: Path) -> None:
@@ -39,8 +38,17 @@ def test_training_publishes_a_complete_version(trained_model) -> None:
     store = ModelStore(model_dir)
     assert store.current_version() == outcome.version
     version_dir = outcome.version_dir
-    for name in ("model.pth", "classes.json", "thresholds.json", "manifest.json", "splits.csv",
-                 "history.csv", "data_report.json", "config.json", "thresholds_detail.json"):
+    for name in (
+        "model.pth",
+        "classes.json",
+        "thresholds.json",
+        "manifest.json",
+        "splits.csv",
+        "history.csv",
+        "data_report.json",
+        "config.json",
+        "thresholds_detail.json",
+    ):
         assert (version_dir / name).is_file(), name
     for name in ("report.md", "metrics.json", "predictions.csv", "pr_curves.png"):
         assert (version_dir / "evaluation" / name).is_file(), name
@@ -52,7 +60,9 @@ def test_training_publishes_a_complete_version(trained_model) -> None:
     assert manifest["preprocess"]["image_size"] == 32
     assert manifest["data"]["fingerprint"] == outcome.data_report["fingerprint"]
     assert sum(manifest["data"]["splits"].values()) == 120
-    assert manifest["metrics"]["test"]["f1_macro"] == pytest.approx(outcome.test_metrics["f1_macro"])
+    assert manifest["metrics"]["test"]["f1_macro"] == pytest.approx(
+        outcome.test_metrics["f1_macro"]
+    )
     assert all(0.05 <= t <= 0.95 for t in thresholds)
     # The work directory (resume checkpoint) is cleaned up after a successful publish.
     assert not any((model_dir / "work").glob("*/last.pt"))
@@ -61,7 +71,9 @@ def test_training_publishes_a_complete_version(trained_model) -> None:
     assert bundle.classes == classes and bundle.thresholds == pytest.approx(thresholds)
 
 
-def test_init_from_a_previous_model_records_the_parent(demo_dataset, trained_model, tmp_path: Path) -> None:
+def test_init_from_a_previous_model_records_the_parent(
+    demo_dataset, trained_model, tmp_path: Path
+) -> None:
     model_dir, first = trained_model
     outcome = run_training(
         tiny_config(epochs=1),
@@ -83,12 +95,16 @@ def _toy_loaders(tmp_path: Path):
     paths, targets = [], []
     for i in range(24):
         bright = i % 2
-        pixels = rng.integers(150, 255, (16, 16, 3)) if bright else rng.integers(0, 100, (16, 16, 3))
+        pixels = (
+            rng.integers(150, 255, (16, 16, 3)) if bright else rng.integers(0, 100, (16, 16, 3))
+        )
         path = tmp_path / f"{i}.png"
         Image.fromarray(pixels.astype(np.uint8)).save(path)
         paths.append(path)
         targets.append([bright, 1 - bright])
-    dataset = ImageDataset(paths, np.array(targets, dtype=np.float32), eval_transform(PreprocessConfig(image_size=32)))
+    dataset = ImageDataset(
+        paths, np.array(targets, dtype=np.float32), eval_transform(PreprocessConfig(image_size=32))
+    )
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, collate_fn=collate_skip_none)
     return loader
 
@@ -97,13 +113,30 @@ def test_resume_continues_from_the_last_epoch(tmp_path: Path) -> None:
     loader = _toy_loaders(tmp_path)
     config = OptimConfig(epochs=3, batch_size=8, patience=10, lr=1e-3)
     torch.manual_seed(0)
-    fit(build_model("resnet18", 2), loader, loader, pos_weight=torch.ones(2), config=config,
-        device=torch.device("cpu"), work_dir=tmp_path / "work", show_progress=False)
+    fit(
+        build_model("resnet18", 2),
+        loader,
+        loader,
+        pos_weight=torch.ones(2),
+        config=config,
+        device=torch.device("cpu"),
+        work_dir=tmp_path / "work",
+        show_progress=False,
+    )
     saved = torch.load(tmp_path / "work" / "last.pt", weights_only=True)
     assert saved["epoch"] == 3
     longer = config.model_copy(update={"epochs": 5})
-    result = fit(build_model("resnet18", 2), loader, loader, pos_weight=torch.ones(2), config=longer,
-                 device=torch.device("cpu"), work_dir=tmp_path / "work", resume=True, show_progress=False)
+    result = fit(
+        build_model("resnet18", 2),
+        loader,
+        loader,
+        pos_weight=torch.ones(2),
+        config=longer,
+        device=torch.device("cpu"),
+        work_dir=tmp_path / "work",
+        resume=True,
+        show_progress=False,
+    )
     assert [row["epoch"] for row in result.history] == [1, 2, 3, 4, 5]
 
 
@@ -111,8 +144,16 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path: Path) -> None:
     loader = _toy_loaders(tmp_path)
     config = OptimConfig(epochs=30, batch_size=8, patience=1, lr=1e-1, monitor="loss")
     torch.manual_seed(0)
-    result = fit(build_model("resnet18", 2), loader, loader, pos_weight=torch.ones(2), config=config,
-                 device=torch.device("cpu"), work_dir=tmp_path / "w", show_progress=False)
+    result = fit(
+        build_model("resnet18", 2),
+        loader,
+        loader,
+        pos_weight=torch.ones(2),
+        config=config,
+        device=torch.device("cpu"),
+        work_dir=tmp_path / "w",
+        show_progress=False,
+    )
     assert result.stopped_early and len(result.history) < 30
     best = min(result.history, key=lambda r: r["val_loss"])
     assert result.best_epoch == best["epoch"]

@@ -71,7 +71,9 @@ def _main(
 
 # --- shared options ---------------------------------------------------------------------------
 
-ImagesOpt = Annotated[Path, typer.Option("--images", help="Folder the image column is relative to.")]
+ImagesOpt = Annotated[
+    Path, typer.Option("--images", help="Folder the image column is relative to.")
+]
 MetadataOpt = Annotated[
     Path | None, typer.Option("--metadata", help="Metadata CSV: an image column and label columns.")
 ]
@@ -80,10 +82,12 @@ ExportOpt = Annotated[
     typer.Option("--labelstudio-export", help="Label Studio JSON export to use instead of a CSV."),
 ]
 ModelDirOpt = Annotated[
-    Path, typer.Option("--model-dir", envvar="MODEL_DIR", help="Where versions are kept (MODEL_DIR).")
+    Path,
+    typer.Option("--model-dir", envvar="MODEL_DIR", help="Where versions are kept (MODEL_DIR)."),
 ]
 ImageColumnOpt = Annotated[
-    str | None, typer.Option("--image-column", help="CSV column with the image file name [image_id].")
+    str | None,
+    typer.Option("--image-column", help="CSV column with the image file name [image_id]."),
 ]
 LabelColumnsOpt = Annotated[
     str | None,
@@ -104,7 +108,9 @@ def _data_overrides(image_column: str | None, label_columns: str | None) -> dict
 @app.command("demo-data")
 @_user_errors
 def demo_data(
-    out: Annotated[Path, typer.Option("--out", help="Folder to write images/, metadata.csv, label_config.xml.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder to write images/, metadata.csv, label_config.xml.")
+    ],
     n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 600,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same files.")] = 0,
     size: Annotated[int, typer.Option("--size", min=32, help="Image side in pixels.")] = 128,
@@ -113,7 +119,9 @@ def demo_data(
     from .demo import generate_demo_dataset
 
     dataset = generate_demo_dataset(out, n=n, seed=seed, size=size, show_progress=True)
-    typer.echo(f"Wrote {dataset.n_images} images, {dataset.metadata_csv} and {dataset.label_config}")
+    typer.echo(
+        f"Wrote {dataset.n_images} images, {dataset.metadata_csv} and {dataset.label_config}"
+    )
 
 
 @app.command()
@@ -131,19 +139,29 @@ def train(
     image_size: Annotated[int | None, typer.Option(help="Input side in pixels [224].")] = None,
     backbone: Annotated[
         str | None,
-        typer.Option(help="resnet18 (default), resnet34, resnet50, mobilenet_v2, "
-                          "mobilenet_v3_large, efficientnet_b0."),
+        typer.Option(
+            help="resnet18 (default), resnet34, resnet50, mobilenet_v2, "
+            "mobilenet_v3_large, efficientnet_b0."
+        ),
     ] = None,
     weights: Annotated[
         str | None,
-        typer.Option(help="'imagenet' (torchvision, default), 'none' (random init) or a checkpoint file."),
+        typer.Option(
+            help="'imagenet' (torchvision, default), 'none' (random init) or a checkpoint file."
+        ),
     ] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate [1e-3].")] = None,
-    patience: Annotated[int | None, typer.Option(help="Epochs without improvement before stopping [5].")] = None,
-    monitor: Annotated[str | None, typer.Option(help="Early-stopping metric: 'map' or 'loss'.")] = None,
+    patience: Annotated[
+        int | None, typer.Option(help="Epochs without improvement before stopping [5].")
+    ] = None,
+    monitor: Annotated[
+        str | None, typer.Option(help="Early-stopping metric: 'map' or 'loss'.")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for the split and training [0].")] = None,
     device: Annotated[str | None, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = None,
-    num_workers: Annotated[int | None, typer.Option(help="DataLoader worker processes [0].")] = None,
+    num_workers: Annotated[
+        int | None, typer.Option(help="DataLoader worker processes [0].")
+    ] = None,
     image_column: ImageColumnOpt = None,
     label_columns: LabelColumnsOpt = None,
     allow_new_classes: Annotated[
@@ -155,9 +173,12 @@ def train(
     init_mode: Annotated[
         LoadMode, typer.Option(help="How --init-from is loaded.")
     ] = LoadMode.compatible,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run with the same data and settings.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted run with the same data and settings.")
+    ] = False,
     materialize_splits: Annotated[
-        Path | None, typer.Option(help="Also hard-link the images into DIR/train, DIR/val, DIR/test.")
+        Path | None,
+        typer.Option(help="Also hard-link the images into DIR/train, DIR/val, DIR/test."),
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
@@ -174,8 +195,13 @@ def train(
             "preprocess": {"image_size": image_size},
             "model": {"backbone": backbone, "weights": weights},
             "optim": {
-                "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience,
-                "monitor": monitor, "device": device, "num_workers": num_workers,
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "lr": lr,
+                "patience": patience,
+                "monitor": monitor,
+                "device": device,
+                "num_workers": num_workers,
             },
         }
     )
@@ -183,8 +209,12 @@ def train(
         cfg,
         DataSource(images=images, metadata=metadata, labelstudio_export=labelstudio_export),
         TrainOptions(
-            model_dir=model_dir, init_from=init_from, init_mode=init_mode, resume=resume,
-            materialize_splits_to=materialize_splits, show_progress=progress,
+            model_dir=model_dir,
+            init_from=init_from,
+            init_mode=init_mode,
+            resume=resume,
+            materialize_splits_to=materialize_splits,
+            show_progress=progress,
         ),
     )
     if outcome is None:  # a non-zero torchrun rank
@@ -206,9 +236,18 @@ def _fmt(value: float | None) -> str:
 @app.command()
 @_user_errors
 def evaluate(
-    model_dir: Annotated[Path, typer.Option("--model-dir", envvar="MODEL_DIR", help="MODEL_DIR, a version folder, or old loose files.")],
+    model_dir: Annotated[
+        Path,
+        typer.Option(
+            "--model-dir",
+            envvar="MODEL_DIR",
+            help="MODEL_DIR, a version folder, or old loose files.",
+        ),
+    ],
     images: ImagesOpt,
-    out: Annotated[Path, typer.Option("--out", help="Folder for predictions.csv, metrics.json, report.md.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for predictions.csv, metrics.json, report.md.")
+    ],
     metadata: MetadataOpt = None,
     labelstudio_export: ExportOpt = None,
     image_column: ImageColumnOpt = None,
@@ -219,12 +258,20 @@ def evaluate(
     """Evaluate a stored model on any labelled set and write a report."""
     from .pipeline import DataSource, evaluate_model
 
-    data_cfg = TrainConfig().with_overrides({"data": _data_overrides(image_column, label_columns)}).data
-    report = evaluate_model(
-        model_dir, DataSource(images=images, metadata=metadata, labelstudio_export=labelstudio_export),
-        out, data_cfg, batch_size=batch_size, device_spec=device,
+    data_cfg = (
+        TrainConfig().with_overrides({"data": _data_overrides(image_column, label_columns)}).data
     )
-    typer.echo(f"macro-F1 {_fmt(report.metrics.get('f1_macro'))}  mAP {_fmt(report.metrics.get('mAP'))}")
+    report = evaluate_model(
+        model_dir,
+        DataSource(images=images, metadata=metadata, labelstudio_export=labelstudio_export),
+        out,
+        data_cfg,
+        batch_size=batch_size,
+        device_spec=device,
+    )
+    typer.echo(
+        f"macro-F1 {_fmt(report.metrics.get('f1_macro'))}  mAP {_fmt(report.metrics.get('mAP'))}"
+    )
     typer.echo(f"Report: {report.report_md}")
 
 
@@ -232,8 +279,17 @@ def evaluate(
 @_user_errors
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files to classify.")],
-    model_dir: Annotated[Path, typer.Option("--model-dir", envvar="MODEL_DIR", help="MODEL_DIR, a version folder, or old loose files.")],
-    out: Annotated[Path | None, typer.Option("--out", help="Write a CSV here instead of printing.")] = None,
+    model_dir: Annotated[
+        Path,
+        typer.Option(
+            "--model-dir",
+            envvar="MODEL_DIR",
+            help="MODEL_DIR, a version folder, or old loose files.",
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write a CSV here instead of printing.")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = "auto",
 ) -> None:
@@ -258,7 +314,9 @@ def versions(model_dir: ModelDirOpt) -> None:
     for name in store.versions():
         test = store.manifest(name).metrics.get("test", {})
         mark = "*" if name == current else " "
-        typer.echo(f"{mark} {name}  macro-F1 {_fmt(test.get('f1_macro'))}  mAP {_fmt(test.get('mAP'))}")
+        typer.echo(
+            f"{mark} {name}  macro-F1 {_fmt(test.get('f1_macro'))}  mAP {_fmt(test.get('mAP'))}"
+        )
 
 
 @app.command()
@@ -276,14 +334,23 @@ def rollback(
 @_user_errors
 def serve(
     model_dir: ModelDirOpt,
-    host: Annotated[str, typer.Option(help="Address to bind; keep 127.0.0.1 unless behind a proxy.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Address to bind; keep 127.0.0.1 unless behind a proxy.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 9090,
     label_studio_url: Annotated[
-        str | None, typer.Option(envvar="LABEL_STUDIO_URL", help="Label Studio base URL (else the one /setup sends).")
+        str | None,
+        typer.Option(
+            envvar="LABEL_STUDIO_URL", help="Label Studio base URL (else the one /setup sends)."
+        ),
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per forward pass [16].")] = None,
-    fetch_workers: Annotated[int | None, typer.Option(help="Concurrent image downloads [8].")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Download cache folder (off when unset).")] = None,
+    fetch_workers: Annotated[
+        int | None, typer.Option(help="Concurrent image downloads [8].")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Download cache folder (off when unset).")
+    ] = None,
 ) -> None:
     """Serve the current model to Label Studio (ML backend protocol).
 
@@ -298,8 +365,15 @@ def serve(
     from .store import load_bundle
 
     settings = settings_from(
-        {"model_dir": model_dir, "host": host, "port": port, "label_studio_url": label_studio_url,
-         "batch_size": batch_size, "fetch_workers": fetch_workers, "cache_dir": cache_dir}
+        {
+            "model_dir": model_dir,
+            "host": host,
+            "port": port,
+            "label_studio_url": label_studio_url,
+            "batch_size": batch_size,
+            "fetch_workers": fetch_workers,
+            "cache_dir": cache_dir,
+        }
     )
     try:
         holder = ModelHolder(LoadedModel.from_bundle(load_bundle(settings.model_dir)))
@@ -308,14 +382,21 @@ def serve(
         holder = ModelHolder(None)
     app_ = create_app(settings, holder)
     logger.info("Serving %s on http://%s:%d", settings.model_dir, settings.host, settings.port)
-    uvicorn.run(app_, host=settings.host, port=settings.port, log_level=logging.getLogger().level,
-                access_log=False)
+    uvicorn.run(
+        app_,
+        host=settings.host,
+        port=settings.port,
+        log_level=logging.getLogger().level,
+        access_log=False,
+    )
 
 
 @app.command()
 @_user_errors
 def demo(
-    workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo data, model and Label Studio live.")] = Path("demo"),
+    workdir: Annotated[
+        Path, typer.Option("--workdir", help="Where the demo data, model and Label Studio live.")
+    ] = Path("demo"),
     n: Annotated[int, typer.Option(help="Demo images to generate.")] = 800,
     size: Annotated[int, typer.Option(help="Demo image side in pixels.")] = 128,
     epochs: Annotated[int, typer.Option(help="Maximum epochs for the starter model.")] = 25,
@@ -324,8 +405,12 @@ def demo(
     ] = True,
     ls_port: Annotated[int, typer.Option(help="Label Studio port (127.0.0.1).")] = 8080,
     backend_port: Annotated[int, typer.Option(help="Backend port (127.0.0.1).")] = 9090,
-    upload: Annotated[int, typer.Option(help="Images uploaded; the rest come through local storage.")] = 200,
-    ls_venv: Annotated[Path, typer.Option(help="Virtualenv for Label Studio (installed if missing).")] = Path(".venv-ls"),
+    upload: Annotated[
+        int, typer.Option(help="Images uploaded; the rest come through local storage.")
+    ] = 200,
+    ls_venv: Annotated[
+        Path, typer.Option(help="Virtualenv for Label Studio (installed if missing).")
+    ] = Path(".venv-ls"),
 ) -> None:
     """The main job on embedded defaults: demo data -> starter model -> report, then a real Label
     Studio with a demo project pre-annotated by the backend. Ctrl-C stops everything."""
@@ -344,7 +429,9 @@ def demo(
             f"Report: {outcome.report}"
         )
     else:
-        typer.echo(f"Reusing the model in {paths.model} ({ModelStore(paths.model).current_version()})")
+        typer.echo(
+            f"Reusing the model in {paths.model} ({ModelStore(paths.model).current_version()})"
+        )
     if not label_studio:
         return
 
@@ -361,8 +448,14 @@ def demo(
         except KeyboardInterrupt:
             typer.echo("Stopping Label Studio and the backend...")
 
-    run_stack(paths, ls_venv=ls_venv, ls_port=ls_port, backend_port=backend_port,
-              n_upload=upload, wait=wait)
+    run_stack(
+        paths,
+        ls_venv=ls_venv,
+        ls_port=ls_port,
+        backend_port=backend_port,
+        n_upload=upload,
+        wait=wait,
+    )
 
 
 def main() -> None:

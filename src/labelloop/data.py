@@ -324,13 +324,19 @@ def load_metadata(csv_path: Path, images_dir: Path, config: DataConfig) -> Label
 def _choose_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """Ground truth wins; otherwise the most recently updated annotation that was not skipped."""
     annotations = [
-        a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")
+        a
+        for a in task.get("annotations") or []
+        if isinstance(a, dict) and not a.get("was_cancelled")
     ]
     if not annotations:
         return None
     return max(
         annotations,
-        key=lambda a: (bool(a.get("ground_truth")), str(a.get("updated_at") or ""), a.get("id") or 0),
+        key=lambda a: (
+            bool(a.get("ground_truth")),
+            str(a.get("updated_at") or ""),
+            a.get("id") or 0,
+        ),
     )
 
 
@@ -377,7 +383,9 @@ def load_labelstudio_export(
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{export_path} is not valid JSON: {exc}") from None
     if not isinstance(tasks, list):
-        raise DataError(f"{export_path} must hold a JSON list of tasks (Label Studio 'JSON' export)")
+        raise DataError(
+            f"{export_path} must hold a JSON list of tasks (Label Studio 'JSON' export)"
+        )
     report = DataReport(source=str(export_path), n_rows=len(tasks))
     raw: dict[str, _RawImage] = {}
     groups: list[str] = []
@@ -400,7 +408,9 @@ def load_labelstudio_export(
             if group not in groups:
                 groups.append(group)
         path = resolve_export_image(reference, images_dir)
-        image_id = str(path.relative_to(images_dir)) if path.is_relative_to(images_dir) else reference
+        image_id = (
+            str(path.relative_to(images_dir)) if path.is_relative_to(images_dir) else reference
+        )
         if image_id in raw:
             report.merged_rows += 1
             entry = raw[image_id]
@@ -461,7 +471,9 @@ def stratified_split(targets: np.ndarray, config: SplitConfig) -> dict[str, np.n
     return {"train": train, "val": val, "test": test}
 
 
-def write_split_manifest(path: Path, samples: Sequence[Sample], splits: Mapping[str, np.ndarray]) -> None:
+def write_split_manifest(
+    path: Path, samples: Sequence[Sample], splits: Mapping[str, np.ndarray]
+) -> None:
     rows = [
         {"image_id": samples[i].image_id, "split": name}
         for name in SPLIT_NAMES
@@ -503,7 +515,9 @@ def compute_pos_weight(
     positives = targets.sum(axis=0)
     negatives = len(targets) - positives
     empty = [int(i) for i in np.flatnonzero(positives == 0)]
-    ratio = np.divide(negatives, positives, out=np.ones_like(positives, dtype=np.float64), where=positives > 0)
+    ratio = np.divide(
+        negatives, positives, out=np.ones_like(positives, dtype=np.float64), where=positives > 0
+    )
     weights = np.clip(np.sqrt(ratio), min_weight, max_weight)
     weights[empty] = 1.0
     return torch.tensor(weights, dtype=torch.float32), empty

@@ -111,7 +111,9 @@ def prepare_project(
     if backends:
         ml_backend_id = int(backends[0]["id"])
     else:
-        ml_backend_id = int(client.connect_ml_backend(project_id, backend_url, title=BACKEND_TITLE)["id"])
+        ml_backend_id = int(
+            client.connect_ml_backend(project_id, backend_url, title=BACKEND_TITLE)["id"]
+        )
     n_tasks = len(client.list_tasks(project_id, page_size=500))
     return DemoProject(project_id, ml_backend_id, n_tasks)
 
@@ -175,9 +177,11 @@ def run_stack(
     )
     ls.document_root.mkdir(parents=True, exist_ok=True)
     images = sorted((paths.data / "images").glob("*.png"))
-    with LabelStudioServer(executable, ls, log_file=paths.label_studio / "label-studio.log"), \
-            backend_in_thread(paths.model, ls, port=backend_port) as backend_url, \
-            LabelStudioClient(ls.url, ls.token) as client:
+    with (
+        LabelStudioServer(executable, ls, log_file=paths.label_studio / "label-studio.log"),
+        backend_in_thread(paths.model, ls, port=backend_port) as backend_url,
+        LabelStudioClient(ls.url, ls.token) as client,
+    ):
         project = prepare_project(
             client,
             label_config=(paths.data / "label_config.xml").read_text(),

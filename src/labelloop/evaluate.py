@@ -123,9 +123,7 @@ def compute_metrics(
         }
     )
     for average in ("micro", "macro", "samples", "weighted"):
-        metrics[f"f1_{average}"] = float(
-            f1_score(y_true, y_pred, average=average, zero_division=0)
-        )
+        metrics[f"f1_{average}"] = float(f1_score(y_true, y_pred, average=average, zero_division=0))
     for average in ("micro", "macro"):
         metrics[f"precision_{average}"] = float(
             precision_score(y_true, y_pred, average=average, zero_division=0)
@@ -182,9 +180,7 @@ def prediction_confidence(
     """
     y_prob = np.asarray(y_prob, dtype=float)
     if y_prob.ndim != 2:
-        raise ValueError(
-            f"y_prob must be 2-D (n_samples, n_classes), got shape {y_prob.shape}"
-        )
+        raise ValueError(f"y_prob must be 2-D (n_samples, n_classes), got shape {y_prob.shape}")
     t = np.broadcast_to(_thresholds_array(thresholds, y_prob.shape[1]), y_prob.shape)
     above = y_prob >= t
     distance = np.where(above, y_prob - t, t - y_prob)
@@ -330,9 +326,7 @@ def _plot_one_pr_curve(
         predicted = y_prob >= threshold
         op_precision = precision_score(y_true, predicted, zero_division=0)
         op_recall = recall_score(y_true, predicted, zero_division=0)
-        ax.plot(
-            [op_recall], [op_precision], "o", color="tab:red", label=f"t={threshold:.2f}"
-        )
+        ax.plot([op_recall], [op_precision], "o", color="tab:red", label=f"t={threshold:.2f}")
         ax.legend(loc="lower left", fontsize="small")
     ax.set_title(f"{name}  AP={ap:.3f}  n={support}", fontsize="medium")
     ax.set_xlabel("recall")
@@ -397,9 +391,7 @@ def write_evaluation(
     )
     metrics_json = out_dir / METRICS_JSON
     # allow_nan=False: a NaN sneaking in would produce invalid JSON for other tools.
-    metrics_json.write_text(
-        json.dumps(metrics, indent=2, allow_nan=False) + "\n", encoding="utf-8"
-    )
+    metrics_json.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     pr_curves_png = plot_pr_curves(out_dir / PR_CURVES_PNG, y_true, y_prob, classes, t)
     report_md = out_dir / REPORT_MD
     report_md.write_text(

@@ -1,4 +1,4 @@
-"""The label space: ordered classes, grouped by the label column / Label Studio control they belong to."""
+"""The label space: ordered classes, grouped by label column (Label Studio control)."""
 
 from __future__ import annotations
 

@@ -133,7 +133,9 @@ def _work_key(config: TrainConfig, fingerprint: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def run_training(config: TrainConfig, source: DataSource, options: TrainOptions) -> TrainOutcome | None:
+def run_training(
+    config: TrainConfig, source: DataSource, options: TrainOptions
+) -> TrainOutcome | None:
     """Train, tune thresholds, evaluate on test and publish a new version as `current`.
 
     Under torchrun every rank trains; only rank 0 publishes and returns an outcome.
@@ -153,8 +155,12 @@ def _run_training(config, source, options, dist_info) -> TrainOutcome | None:  #
     splits = stratified_split(targets, config.split)
     logger.info(
         "%d images (%d excluded), %d classes; split train %d / val %d / test %d",
-        len(data.samples), data.report.n_images - data.report.n_usable, len(label_space),
-        len(splits["train"]), len(splits["val"]), len(splits["test"]),
+        len(data.samples),
+        data.report.n_images - data.report.n_usable,
+        len(label_space),
+        len(splits["train"]),
+        len(splits["val"]),
+        len(splits["test"]),
     )
     pos_weight, empty = compute_pos_weight(
         targets[splits["train"]],
@@ -170,7 +176,8 @@ def _run_training(config, source, options, dist_info) -> TrainOutcome | None:  #
 
     parent_version = None
     model = build_model(
-        config.model.backbone, len(label_space),
+        config.model.backbone,
+        len(label_space),
         weights=config.model.weights if options.init_from is None else "none",
         dropout=config.model.dropout,
     )
@@ -186,7 +193,9 @@ def _run_training(config, source, options, dist_info) -> TrainOutcome | None:  #
 
     def subset(name: str, train: bool) -> ImageDataset:
         idx = splits[name]
-        transform = train_transform(config.preprocess) if train else eval_transform(config.preprocess)
+        transform = (
+            train_transform(config.preprocess) if train else eval_transform(config.preprocess)
+        )
         return ImageDataset([paths[i] for i in idx], targets[idx], transform)
 
     train_set = subset("train", train=True)
@@ -196,27 +205,47 @@ def _run_training(config, source, options, dist_info) -> TrainOutcome | None:  #
         else None
     )
     opt = config.optim
-    train_loader = _loader(train_set, batch_size=opt.batch_size, num_workers=opt.num_workers,
-                           shuffle=True, sampler=sampler, generator=generator)
-    val_loader = _loader(subset("val", train=False), batch_size=opt.batch_size,
-                         num_workers=opt.num_workers)
+    train_loader = _loader(
+        train_set,
+        batch_size=opt.batch_size,
+        num_workers=opt.num_workers,
+        shuffle=True,
+        sampler=sampler,
+        generator=generator,
+    )
+    val_loader = _loader(
+        subset("val", train=False), batch_size=opt.batch_size, num_workers=opt.num_workers
+    )
 
     store = ModelStore(options.model_dir)
     work_dir = options.model_dir / "work" / _work_key(config, data.report.fingerprint)
     result = fit(
-        model, train_loader, val_loader,
-        pos_weight=pos_weight, config=opt, device=device, work_dir=work_dir,
-        resume=options.resume, dist_info=dist_info, show_progress=options.show_progress,
+        model,
+        train_loader,
+        val_loader,
+        pos_weight=pos_weight,
+        config=opt,
+        device=device,
+        work_dir=work_dir,
+        resume=options.resume,
+        dist_info=dist_info,
+        show_progress=options.show_progress,
     )
     if not dist_info.is_main:
         return None
 
-    val_probs, val_true, _, _ = predict(model, val_loader, device, desc="val probabilities",
-                                        show_progress=options.show_progress)
+    val_probs, val_true, _, _ = predict(
+        model, val_loader, device, desc="val probabilities", show_progress=options.show_progress
+    )
     th = config.thresholds
     tuned = tune_thresholds(
-        val_true, val_probs, beta=th.beta, default=th.default, min_positives=th.min_positives,
-        min_threshold=th.min_threshold, max_threshold=th.max_threshold,
+        val_true,
+        val_probs,
+        beta=th.beta,
+        default=th.default,
+        min_positives=th.min_positives,
+        min_threshold=th.min_threshold,
+        max_threshold=th.max_threshold,
     )
     thresholds = [float(t) for t in tuned.thresholds]
 
@@ -232,27 +261,40 @@ def _run_training(config, source, options, dist_info) -> TrainOutcome | None:  #
 
         test_metrics, report_path = None, None
         if len(splits["test"]):
-            test_loader = _loader(subset("test", train=False), batch_size=opt.batch_size,
-                                  num_workers=opt.num_workers)
-            probs, true, index, _ = predict(model, test_loader, device, desc="test",
-                                            show_progress=options.show_progress)
+            test_loader = _loader(
+                subset("test", train=False), batch_size=opt.batch_size, num_workers=opt.num_workers
+            )
+            probs, true, index, _ = predict(
+                model, test_loader, device, desc="test", show_progress=options.show_progress
+            )
             test_ids = [data.samples[splits["test"][i]].image_id for i in index]
             evaluated = evaluation.write_evaluation(
                 staged / "evaluation",
-                image_ids=test_ids, classes=label_space.classes, thresholds=thresholds,
-                y_true=true, y_prob=probs, groups=label_space.as_dict(),
+                image_ids=test_ids,
+                classes=label_space.classes,
+                thresholds=thresholds,
+                y_true=true,
+                y_prob=probs,
+                groups=label_space.as_dict(),
                 title=f"Test evaluation of {version}",
-                extra={"model version": version, "backbone": config.model.backbone,
-                       "data": source.metadata or source.labelstudio_export,
-                       "best epoch": result.best_epoch},
+                extra={
+                    "model version": version,
+                    "backbone": config.model.backbone,
+                    "data": source.metadata or source.labelstudio_export,
+                    "best epoch": result.best_epoch,
+                },
             )
             test_metrics = evaluated.metrics
         else:
             logger.warning("No test split (test_fraction is 0): the model is published unevaluated")
 
         manifest = manifest_for(
-            version=version, backbone=config.model.backbone, dropout=config.model.dropout,
-            label_space=label_space, preprocess=config.preprocess, parent_version=parent_version,
+            version=version,
+            backbone=config.model.backbone,
+            dropout=config.model.dropout,
+            label_space=label_space,
+            preprocess=config.preprocess,
+            parent_version=parent_version,
             training_config=config.model_dump(mode="json"),
             metrics={
                 "best_epoch": result.best_epoch,
@@ -295,41 +337,68 @@ def _data_config_for(bundle: ModelBundle, base: DataConfig) -> DataConfig:
 
 
 def evaluate_model(
-    model_path: Path, source: DataSource, out_dir: Path, data_config: DataConfig,
-    *, batch_size: int = 32, device_spec: str = "auto", show_progress: bool = True,
+    model_path: Path,
+    source: DataSource,
+    out_dir: Path,
+    data_config: DataConfig,
+    *,
+    batch_size: int = 32,
+    device_spec: str = "auto",
+    show_progress: bool = True,
 ) -> evaluation.EvaluationReport:
     bundle = load_bundle(model_path)
-    if source.metadata is not None and set(data_config.label_columns) != set(bundle.label_space.group_names):
-        logger.info("Label columns %s are matched to the model's classes by name",
-                    list(data_config.label_columns))
+    if source.metadata is not None and set(data_config.label_columns) != set(
+        bundle.label_space.group_names
+    ):
+        logger.info(
+            "Label columns %s are matched to the model's classes by name",
+            list(data_config.label_columns),
+        )
     data = source.load(_data_config_for(bundle, data_config))
     targets = bundle.label_space.binarize(s.all_labels() for s in data.samples)
     device = resolve_device(device_spec)
     loader = _loader(
         ImageDataset([s.path for s in data.samples], targets, eval_transform(bundle.preprocess)),
-        batch_size=batch_size, num_workers=0,
+        batch_size=batch_size,
+        num_workers=0,
     )
-    probs, true, index, _ = predict(bundle.model.to(device), loader, device, desc="evaluate",
-                                    show_progress=show_progress)
+    probs, true, index, _ = predict(
+        bundle.model.to(device), loader, device, desc="evaluate", show_progress=show_progress
+    )
     return evaluation.write_evaluation(
         out_dir,
-        image_ids=[data.samples[i].image_id for i in index], classes=bundle.classes,
-        thresholds=bundle.thresholds, y_true=true, y_prob=probs,
-        groups=bundle.label_space.as_dict(), title=f"Evaluation of {bundle.version}",
-        extra={"model version": bundle.version, "data": source.metadata or source.labelstudio_export},
+        image_ids=[data.samples[i].image_id for i in index],
+        classes=bundle.classes,
+        thresholds=bundle.thresholds,
+        y_true=true,
+        y_prob=probs,
+        groups=bundle.label_space.as_dict(),
+        title=f"Evaluation of {bundle.version}",
+        extra={
+            "model version": bundle.version,
+            "data": source.metadata or source.labelstudio_export,
+        },
     )
 
 
 def predict_images(
-    model_path: Path, images: Sequence[Path], *, batch_size: int = 32, device_spec: str = "auto",
+    model_path: Path,
+    images: Sequence[Path],
+    *,
+    batch_size: int = 32,
+    device_spec: str = "auto",
     show_progress: bool = True,
 ) -> pd.DataFrame:
     """One row per image: probabilities, predicted labels, confidence, or the read error."""
     bundle = load_bundle(model_path)
     device = resolve_device(device_spec)
     dataset = ImageDataset(list(images), None, eval_transform(bundle.preprocess))
-    probs, _, index, _ = predict(bundle.model.to(device), _loader(dataset, batch_size=batch_size, num_workers=0),
-                                 device, show_progress=show_progress)
+    probs, _, index, _ = predict(
+        bundle.model.to(device),
+        _loader(dataset, batch_size=batch_size, num_workers=0),
+        device,
+        show_progress=show_progress,
+    )
     thresholds = np.asarray(bundle.thresholds)
     rows: list[dict[str, Any]] = [
         {"image": str(p), "predicted": "", "confidence": None, "error": "could not be read"}
@@ -340,7 +409,10 @@ def predict_images(
         for row_probs, i, conf in zip(probs, index, confidence, strict=True):
             rows[i] = {
                 "image": str(images[i]),
-                **{f"p_{c}": round(float(p), 4) for c, p in zip(bundle.classes, row_probs, strict=True)},
+                **{
+                    f"p_{c}": round(float(p), 4)
+                    for c, p in zip(bundle.classes, row_probs, strict=True)
+                },
                 "predicted": ";".join(bundle.label_space.decode(row_probs >= thresholds)),
                 "confidence": round(float(conf), 4),
                 "error": "",

@@ -146,7 +146,9 @@ class ModelStore:
         """Published versions, oldest first."""
         if not self.versions_dir.is_dir():
             return []
-        names = [p.name for p in self.versions_dir.iterdir() if p.is_dir() and _VERSION_RE.match(p.name)]
+        names = [
+            p.name for p in self.versions_dir.iterdir() if p.is_dir() and _VERSION_RE.match(p.name)
+        ]
         return sorted(names, key=lambda n: int(_VERSION_RE.match(n).group(1)))  # type: ignore[union-attr]
 
     def version_dir(self, version: str) -> Path:
@@ -271,13 +273,18 @@ def read_thresholds(path: Path, n_classes: int) -> list[float]:
     if len(values) < n_classes:
         logger.warning(
             "%s has %d thresholds for %d classes; padding with %.2f",
-            path, len(values), n_classes, DEFAULT_THRESHOLD,
+            path,
+            len(values),
+            n_classes,
+            DEFAULT_THRESHOLD,
         )
         values += [DEFAULT_THRESHOLD] * (n_classes - len(values))
     elif len(values) > n_classes:
         logger.warning(
             "%s has %d thresholds for %d classes; ignoring the extra ones",
-            path, len(values), n_classes,
+            path,
+            len(values),
+            n_classes,
         )
         values = values[:n_classes]
     bad = [v for v in values if not 0.0 <= v <= 1.0]

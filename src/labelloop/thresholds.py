@@ -169,9 +169,7 @@ def apply_thresholds(y_prob: np.ndarray, thresholds: Sequence[float] | np.ndarra
     """Boolean (n_samples, n_classes) predictions: ``y_prob >= thresholds`` per class."""
     y_prob = np.asarray(y_prob, dtype=float)
     if y_prob.ndim != 2:
-        raise ValueError(
-            f"y_prob must be 2-D (n_samples, n_classes), got shape {y_prob.shape}"
-        )
+        raise ValueError(f"y_prob must be 2-D (n_samples, n_classes), got shape {y_prob.shape}")
     t = np.asarray(thresholds, dtype=float).reshape(-1)
     if t.shape[0] != y_prob.shape[1]:
         raise ValueError(
@@ -218,9 +216,7 @@ def _tune_one(
 
     threshold = float(np.clip(raw, min_threshold, max_threshold))
     if threshold != raw:
-        logger.debug(
-            "Class index %d: threshold %.4f clipped to %.4f", class_index, raw, threshold
-        )
+        logger.debug("Class index %d: threshold %.4f clipped to %.4f", class_index, raw, threshold)
     # Scored with sklearn at the final threshold, so the reported score is the one
     # that apply_thresholds will actually produce (clipped or not).
     score = float(fbeta_score(y_true, y_prob >= threshold, beta=beta, zero_division=0))
@@ -249,9 +245,7 @@ def _best_pr_curve_threshold(y_true: np.ndarray, y_prob: np.ndarray, *, beta: fl
     b2 = beta * beta
     numerator = (1.0 + b2) * precision * recall
     denominator = b2 * precision + recall
-    fbeta = np.divide(
-        numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0
-    )
+    fbeta = np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
     return _largest_argmax(thresholds, fbeta)
 
 

@@ -159,9 +159,7 @@ def mean_average_precision(y_true: np.ndarray, y_prob: np.ndarray) -> float:
     present = y_true.sum(axis=0) > 0
     if not present.any():
         return math.nan
-    return float(
-        average_precision_score(y_true[:, present], y_prob[:, present], average="macro")
-    )
+    return float(average_precision_score(y_true[:, present], y_prob[:, present], average="macro"))
 
 
 # --- fit -------------------------------------------------------------------------------------
@@ -253,8 +251,14 @@ def fit(
             train_loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
         train_loss = train_one_epoch(
-            train_model, train_loader, criterion, optimizer, device,
-            scaler=scaler, desc=f"epoch {epoch}", show_progress=show,
+            train_model,
+            train_loader,
+            criterion,
+            optimizer,
+            device,
+            scaler=scaler,
+            desc=f"epoch {epoch}",
+            show_progress=show,
         )
         if dist_info.enabled:
             # Every rank validates the whole (small) val set, so stopping decisions agree without
@@ -285,7 +289,11 @@ def fit(
         history.append(row)
         logger.info(
             "epoch %d: train_loss %.4f val_loss %.4f val_mAP %.4f%s",
-            epoch, row["train_loss"], row["val_loss"], row["val_map"], " (best)" if row["best"] else "",
+            epoch,
+            row["train_loss"],
+            row["val_loss"],
+            row["val_map"],
+            " (best)" if row["best"] else "",
         )
         epochs.set_postfix(val_map=row["val_map"], val_loss=row["val_loss"])
         if on_epoch is not None:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import Counter
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
@@ -57,7 +57,9 @@ class ServerMetrics:
         with self._lock:
             self.requests[route] += 1
 
-    def record_predict(self, tasks: int, predicted: int, failed: Counter[str], seconds: float) -> None:
+    def record_predict(
+        self, tasks: int, predicted: int, failed: Counter[str], seconds: float
+    ) -> None:
         with self._lock:
             self.tasks += tasks
             self.predicted += predicted
@@ -106,7 +108,11 @@ class FetcherRegistry:
     def current(self) -> ImageFetcher:
         s = self.settings
         url = s.label_studio_url or self._setup_hostname
-        token = s.label_studio_api_key.get_secret_value() if s.label_studio_api_key else self._setup_token
+        token = (
+            s.label_studio_api_key.get_secret_value()
+            if s.label_studio_api_key
+            else self._setup_token
+        )
         key = (url, token)
         with self._lock:
             fetcher = self._fetchers.get(key)
@@ -132,23 +138,28 @@ class FetcherRegistry:
             self._fetchers.clear()
 
 
-def _basic_auth_dependency(settings: ServeSettings):
-    security = HTTPBasic(auto_error=False)
+_BASIC = HTTPBasic(auto_error=False)
 
-    def check(credentials: HTTPBasicCredentials | None = Depends(security)) -> None:
+
+def _basic_auth_dependency(settings: ServeSettings):
+    user = (settings.basic_auth_user or "").encode()
+    password = (
+        settings.basic_auth_pass.get_secret_value().encode() if settings.basic_auth_pass else b""
+    )
+
+    def check(credentials: Annotated[HTTPBasicCredentials | None, Depends(_BASIC)]) -> None:
         if not settings.basic_auth_enabled:
             return
-        assert settings.basic_auth_user is not None and settings.basic_auth_pass is not None
+        # Both comparisons always run (& not and), so timing does not reveal which one failed.
         ok = credentials is not None and (
-            secrets.compare_digest(credentials.username.encode(), settings.basic_auth_user.encode())
-            & secrets.compare_digest(
-                credentials.password.encode(), settings.basic_auth_pass.get_secret_value().encode()
-            )
+            secrets.compare_digest(credentials.username.encode(), user)
+            & secrets.compare_digest(credentials.password.encode(), password)
         )
         if not ok:
             raise HTTPException(
                 status_code=status.HTTP_401_UNAUTHORIZED,
-                detail="basic auth required: set the ML backend's user and password in Label Studio",
+                detail="basic auth required: set the ML backend's user and password in "
+                "Label Studio",
                 headers={"WWW-Authenticate": "Basic"},
             )
 
@@ -243,7 +254,9 @@ def create_app(
         if not request.tasks:
             return PredictResponse(results=[])
         try:
-            results, stats = predictor.predict(request.tasks, request.label_config, fetchers.current())
+            results, stats = predictor.predict(
+                request.tasks, request.label_config, fetchers.current()
+            )
         except LabelConfigError as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from None
         metrics.record_predict(stats.tasks, stats.predicted, stats.failed, stats.seconds)

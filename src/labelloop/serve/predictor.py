@@ -53,7 +53,11 @@ class LoadedModel:
     @classmethod
     def from_bundle(cls, bundle: ModelBundle) -> LoadedModel:
         bundle.model.eval()
-        return cls(bundle, eval_transform(bundle.preprocess), np.asarray(bundle.thresholds, dtype=np.float32))
+        return cls(
+            bundle,
+            eval_transform(bundle.preprocess),
+            np.asarray(bundle.thresholds, dtype=np.float32),
+        )
 
 
 class ModelHolder:
@@ -79,7 +83,9 @@ class ModelHolder:
 
 
 @lru_cache(maxsize=64)
-def _resolve_cached(digest: str, xml: str, classes: tuple[str, ...]) -> tuple[LabelConfig, ControlMapping]:
+def _resolve_cached(
+    digest: str, xml: str, classes: tuple[str, ...]
+) -> tuple[LabelConfig, ControlMapping]:
     config = parse_label_config(xml)
     return config, map_controls(config, classes)
 
@@ -145,13 +151,16 @@ class Predictor:
             probs = self._forward(model, torch.stack(batch_tensors))
             stats.forward_seconds += time.perf_counter() - t0
             for position, prediction in zip(
-                batch_positions, build_predictions(probs, model.thresholds, mapping, model.version),
+                batch_positions,
+                build_predictions(probs, model.thresholds, mapping, model.version),
                 strict=True,
             ):
                 try:
                     validate_prediction(prediction, config)
                 except ResultValidationError as exc:
-                    logger.error("Dropping an invalid prediction for task %s: %s", tasks[position].id, exc)
+                    logger.error(
+                        "Dropping an invalid prediction for task %s: %s", tasks[position].id, exc
+                    )
                     stats.failed["invalid result"] += 1
                     continue
                 results[position] = prediction
@@ -171,14 +180,19 @@ class Predictor:
             now = time.perf_counter()
             if now - last_log >= _PROGRESS_EVERY_S:
                 done = position + 1
-                logger.info("predict: %d/%d tasks, %.1f tasks/s", done, len(tasks), done / (now - started))
+                logger.info(
+                    "predict: %d/%d tasks, %.1f tasks/s", done, len(tasks), done / (now - started)
+                )
                 last_log = now
         flush()
         stats.seconds = time.perf_counter() - started
         if len(tasks) > 1:
             logger.info(
                 "predict: %d tasks in %.2f s (%.1f tasks/s; forward %.2f s), %d failed",
-                len(tasks), stats.seconds, stats.throughput, stats.forward_seconds,
+                len(tasks),
+                stats.seconds,
+                stats.throughput,
+                stats.forward_seconds,
                 sum(stats.failed.values()),
             )
         return results, stats

@@ -38,7 +38,8 @@ class ServeSettings(BaseModel):
             ("http://", "https://")
         ):
             raise ValueError(
-                f"LABEL_STUDIO_URL must start with http:// or https://, got {self.label_studio_url!r}"
+                "LABEL_STUDIO_URL must start with http:// or https://, "
+                f"got {self.label_studio_url!r}"
             )
         return self
 
