@@ -32,20 +32,24 @@ from .data import (
     stratified_split,
     write_split_manifest,
 )
-from .labels import LabelSpace
 from .model import LoadMode, build_model, load_into, read_checkpoint
 from .store import (
-    MODEL_FILE,
     ModelBundle,
     ModelStore,
-    StoreError,
     load_bundle,
     manifest_for,
     write_json_atomic,
     write_model_files,
 )
 from .thresholds import tune_thresholds
-from .train import cleanup_distributed, fit, init_distributed, predict, resolve_device
+from .train import (
+    DistInfo,
+    cleanup_distributed,
+    fit,
+    init_distributed,
+    predict,
+    resolve_device,
+)
 from .transforms import eval_transform, train_transform
 
 logger = logging.getLogger(__name__)
@@ -147,7 +151,9 @@ def run_training(
         cleanup_distributed(dist_info)
 
 
-def _run_training(config, source, options, dist_info) -> TrainOutcome | None:  # noqa: ANN001
+def _run_training(
+    config: TrainConfig, source: DataSource, options: TrainOptions, dist_info: DistInfo
+) -> TrainOutcome | None:
     generator = seed_everything(config.split.seed)
     data = source.load(config.data)
     label_space = data.label_space
@@ -419,25 +425,3 @@ def predict_images(
             }
     columns = ["image", *[f"p_{c}" for c in bundle.classes], "predicted", "confidence", "error"]
     return pd.DataFrame(rows).reindex(columns=columns)
-
-
-def load_for_serving(model_path: Path) -> ModelBundle:
-    """Kept here so the server and the CLI resolve model folders the same way."""
-    try:
-        return load_bundle(model_path)
-    except StoreError:
-        raise
-    except FileNotFoundError as exc:
-        raise StoreError(str(exc)) from None
-
-
-__all__ = [
-    "DataSource",
-    "LabelSpace",
-    "MODEL_FILE",
-    "TrainOptions",
-    "TrainOutcome",
-    "evaluate_model",
-    "predict_images",
-    "run_training",
-]
