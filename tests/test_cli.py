@@ -184,3 +184,24 @@ def test_missing_model_dir_is_a_clear_error(tmp_path: Path) -> None:
     result = invoke("predict", tmp_path / "x.png", "--model-dir", tmp_path)
     assert result.exit_code == 2
     assert "holds no model" in result.output
+
+
+def test_demo_without_label_studio_trains_and_reports(tmp_path: Path) -> None:
+    result = invoke(
+        "demo",
+        "--workdir",
+        tmp_path,
+        "--n",
+        "60",
+        "--size",
+        "40",
+        "--epochs",
+        "1",
+        "--no-label-studio",
+    )
+    assert result.exit_code == 0, result.output
+    assert "Test macro-F1" in result.output
+    report = Path(result.output.split("Report: ")[1].split()[0])
+    assert report.is_file()
+    again = invoke("demo", "--workdir", tmp_path, "--no-label-studio")
+    assert "Reusing the model" in again.output

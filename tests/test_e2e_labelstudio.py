@@ -117,3 +117,25 @@ def test_backend_with_basic_auth(label_studio, project, backend_factory) -> None
         project["id"], secured.url, title="with-auth", basic_auth=("ls-user", "ls-pass")
     )
     assert ml["state"] == "CO"
+
+
+def test_demo_project_is_prepared_once(label_studio, demo_dataset, backend) -> None:
+    from labelloop.demo_stack import prepare_project
+
+    server, client = label_studio
+    images = sorted(demo_dataset.images_dir.glob("*.png"))[20:28]
+    kwargs = dict(
+        label_config=demo_dataset.label_config.read_text(),
+        images=images,
+        storage_dir=server.settings.document_root / "demo-test",
+        backend_url=backend.url,
+        n_upload=5,
+        title="demo stack test",
+    )
+    first = prepare_project(client, **kwargs)
+    assert first.n_tasks == 8
+    assert prepare_project(client, **kwargs) == first  # a second run reuses everything
+    assert len(client.ml_backends(first.project_id)) == 1
+    urls = [t["data"]["image"] for t in client.list_tasks(first.project_id)]
+    assert sum("/data/upload/" in u for u in urls) == 5
+    assert sum("/data/local-files/" in u for u in urls) == 3

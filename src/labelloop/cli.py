@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from collections.abc import Callable
 from functools import wraps
@@ -53,7 +54,7 @@ def configure_logging(level: str) -> None:
         force=True,
     )
     # Third-party chatter at INFO drowns our own progress lines.
-    for noisy in ("matplotlib", "PIL"):
+    for noisy in ("matplotlib", "PIL", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
@@ -443,10 +444,12 @@ def demo(
             f"{ready.n_tasks} tasks pre-annotated (Retrieve Predictions took "
             f"{ready.retrieve_seconds:.1f} s). Press Ctrl-C to stop everything."
         )
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            typer.echo("Stopping Label Studio and the backend...")
+        stop = threading.Event()
+        # SIGTERM too, so a service manager (or `kill`) also stops what the demo started.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        stop.wait()
+        typer.echo("Stopping Label Studio and the backend...")
 
     run_stack(
         paths,

@@ -102,10 +102,6 @@ def prepare_project(
                 os.link(image, target)
         if len(images) > n_upload:
             client.add_local_storage(project_id, storage_dir, title="demo images")
-        # Predictions show up as pre-annotations, and opening a task asks for one.
-        client.update_project(
-            project_id, show_collab_predictions=True, evaluate_predictions_automatically=True
-        )
         logger.info("Created Label Studio project %d (%s)", project_id, title)
     backends = [b for b in client.ml_backends(project_id) if b.get("url") == backend_url]
     if backends:
@@ -114,7 +110,7 @@ def prepare_project(
         ml_backend_id = int(
             client.connect_ml_backend(project_id, backend_url, title=BACKEND_TITLE)["id"]
         )
-    n_tasks = len(client.list_tasks(project_id, page_size=500))
+    n_tasks = int(client.get_project(project_id).get("task_number") or 0)
     return DemoProject(project_id, ml_backend_id, n_tasks)
 
 
@@ -194,6 +190,13 @@ def run_stack(
         client.retrieve_predictions(project.project_id)
         seconds = time.perf_counter() - started
         logger.info("Retrieve Predictions over %d tasks took %.1f s", project.n_tasks, seconds)
+        # From now on predictions show as pre-annotations and opening a task asks for one.
+        # (Set after the bulk run: with it on, merely listing tasks predicts them.)
+        client.update_project(
+            project.project_id,
+            show_collab_predictions=True,
+            evaluate_predictions_automatically=True,
+        )
         wait(
             DemoReady(
                 project_url=f"{ls.url}/projects/{project.project_id}/data",
