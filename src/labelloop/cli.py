@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -350,20 +351,31 @@ def serve(
         int | None, typer.Option(help="Concurrent image downloads [8].")
     ] = None,
     cache_dir: Annotated[
-        Path | None, typer.Option(help="Download cache folder (off when unset).")
+        Path | None, typer.Option(help="Image download cache [MODEL_DIR/cache/images].")
     ] = None,
+    auto_train_after: Annotated[
+        int, typer.Option(help="Fast update after this many new or changed annotations.")
+    ] = 10,
+    quiet_seconds: Annotated[
+        float, typer.Option(help="...or after this many seconds without a new annotation.")
+    ] = 60.0,
+    holdout_percent: Annotated[
+        int, typer.Option(help="Share of annotated tasks never trained on, to compare models.")
+    ] = 20,
+    tolerance: Annotated[
+        float, typer.Option(help="Promote unless held-out macro-F1 drops by more than this.")
+    ] = 0.02,
 ) -> None:
-    """Serve the current model to Label Studio (ML backend protocol).
+    """Serve the current model to Label Studio and learn from its annotations.
 
     Reads LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY (legacy token or personal access token),
     BASIC_AUTH_USER / BASIC_AUTH_PASS, LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, LOG_LEVEL.
     """
     import uvicorn
 
-    from .serve.app import create_app
-    from .serve.predictor import LoadedModel, ModelHolder
+    from .serve.app import build_app
     from .serve.settings import settings_from
-    from .store import load_bundle
+    from .serve.trainer import TrainerSettings
 
     settings = settings_from(
         {
@@ -376,12 +388,15 @@ def serve(
             "cache_dir": cache_dir,
         }
     )
-    try:
-        holder = ModelHolder(LoadedModel.from_bundle(load_bundle(settings.model_dir)))
-    except StoreError as exc:
-        logger.warning("Starting without a model: %s", exc)
-        holder = ModelHolder(None)
-    app_ = create_app(settings, holder)
+    app_ = build_app(
+        settings,
+        TrainerSettings(
+            auto_train_after=auto_train_after,
+            quiet_seconds=quiet_seconds,
+            holdout_percent=holdout_percent,
+            tolerance=tolerance,
+        ),
+    )
     logger.info("Serving %s on http://%s:%d", settings.model_dir, settings.host, settings.port)
     uvicorn.run(
         app_,
@@ -390,6 +405,40 @@ def serve(
         log_level=logging.getLogger().level,
         access_log=False,
     )
+
+
+@app.command()
+@_user_errors
+def status(model_dir: ModelDirOpt) -> None:
+    """The current version, recent training jobs and the annotation ledger of MODEL_DIR."""
+    from .ledger import Ledger
+
+    typer.echo(f"current version: {ModelStore(model_dir).current_version() or 'none'}")
+    ledger_path = model_dir / "ledger.sqlite3"
+    if not ledger_path.is_file():
+        typer.echo("no annotations recorded yet (the backend has not received any)")
+        return
+    ledger = Ledger(ledger_path)
+    try:
+        typer.echo(f"ledger: {json.dumps(ledger.stats())}")
+        jobs = ledger.jobs(limit=10)
+        typer.echo("jobs (newest first):" if jobs else "no training jobs yet")
+        for job in jobs:
+            metrics = job.metrics or {}
+            scores = ""
+            if "candidate_f1" in metrics:
+                scores = (
+                    f" held-out macro-F1 {metrics['candidate_f1']:.3f}"
+                    f" (was {metrics.get('current_f1', 0.0):.3f})"
+                )
+            detail = job.error or job.progress or ""
+            version = job.promoted_version or job.candidate_version or ""
+            typer.echo(
+                f"  #{job.id} {job.kind:<4} {job.state:<9} project {job.project_id} "
+                f"({job.trigger}) {version}{scores} {detail}".rstrip()
+            )
+    finally:
+        ledger.close()
 
 
 @app.command()

@@ -19,10 +19,9 @@ from .demo import LABEL_GROUPS, generate_demo_dataset
 from .labelstudio.client import LabelStudioClient
 from .labelstudio.launcher import LabelStudioServer, LabelStudioSettings, ensure_label_studio
 from .pipeline import DataSource, TrainOptions, TrainOutcome, run_training
-from .serve.app import create_app
-from .serve.predictor import LoadedModel, ModelHolder
+from .serve.app import build_app
 from .serve.settings import settings_from
-from .store import ModelStore, load_bundle
+from .store import ModelStore
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +126,7 @@ class DemoReady:
 
 @contextmanager
 def backend_in_thread(model_dir: Path, ls: LabelStudioSettings, *, port: int) -> Iterator[str]:
-    """Our server in this process, for Label Studio to call."""
+    """Our server (with its background trainer) in this process, for Label Studio to call."""
     settings = settings_from(
         {"model_dir": model_dir, "port": port},
         {
@@ -136,7 +135,7 @@ def backend_in_thread(model_dir: Path, ls: LabelStudioSettings, *, port: int) ->
             "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(ls.document_root),
         },
     )
-    app = create_app(settings, ModelHolder(LoadedModel.from_bundle(load_bundle(model_dir))))
+    app = build_app(settings)
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
     )

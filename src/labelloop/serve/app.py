@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from .. import __version__
+from ..labelstudio.annotations import AnnotationPayloadError
 from ..labelstudio.auth import LabelStudioAuth
 from ..labelstudio.images import FetchSettings, ImageFetcher
 from ..labelstudio.label_config import LabelConfigError
@@ -30,10 +31,14 @@ from ..labelstudio.protocol import (
     SetupRequest,
     SetupResponse,
     WebhookEvent,
+    project_id_from,
 )
-from ..store import ModelStore, StoreError
-from .predictor import ModelHolder, Predictor, resolve_config
+from ..ledger import Ledger
+from ..store import ModelStore, StoreError, load_bundle
+from .events import record_event
+from .predictor import LoadedModel, ModelHolder, Predictor, resolve_config
 from .settings import ServeSettings
+from .trainer import Trainer, TrainerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -167,18 +172,30 @@ def _basic_auth_dependency(settings: ServeSettings):
 
 
 def create_app(
-    settings: ServeSettings, holder: ModelHolder, *, predictor: Predictor | None = None
+    settings: ServeSettings,
+    holder: ModelHolder,
+    *,
+    predictor: Predictor | None = None,
+    fetchers: FetcherRegistry | None = None,
+    ledger: Ledger | None = None,
+    trainer: Trainer | None = None,
 ) -> FastAPI:
+    """The app. Without a ledger, webhooks are only acknowledged; with a trainer, annotations
+    train new versions in the background."""
     predictor = predictor or Predictor(
         holder, batch_size=settings.batch_size, workers=settings.fetch_workers
     )
-    fetchers = FetcherRegistry(settings)
+    fetchers = fetchers or FetcherRegistry(settings)
     metrics = ServerMetrics()
     store = ModelStore(settings.model_dir)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        if trainer is not None:
+            trainer.start()
         yield
+        if trainer is not None:
+            trainer.stop()
         predictor.close()
         fetchers.close()
 
@@ -230,6 +247,9 @@ def create_app(
     def setup(request: SetupRequest) -> SetupResponse:
         metrics.count_request("setup")
         fetchers.remember_setup(request.hostname, request.access_token)
+        project_id = project_id_from(request.project)
+        if ledger is not None and project_id is not None and request.label_config:
+            ledger.set_label_config(project_id, request.label_config)
         model = holder.current
         warnings: list[str] = []
         if model is None:
@@ -267,7 +287,14 @@ def create_app(
         metrics.count_request("webhook")
         metrics.record_webhook(event.action)
         logger.info("Webhook %s (project %s)", event.action, event.project_id())
-        return {"status": "ok", "action": event.action}
+        reply: dict[str, Any] = {"status": "ok", "action": event.action}
+        if ledger is None:
+            return reply
+        try:
+            reply.update(record_event(event, ledger, trainer))
+        except AnnotationPayloadError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+        return reply
 
     @app.get("/versions")
     def versions() -> dict[str, Any]:
@@ -294,6 +321,46 @@ def create_app(
     @app.get("/metrics")
     def server_metrics() -> dict[str, Any]:
         metrics.count_request("metrics")
-        return {"model_version": model_version(), **metrics.snapshot()}
+        body: dict[str, Any] = {"model_version": model_version(), **metrics.snapshot()}
+        if ledger is not None:
+            body["training"] = {
+                "running": trainer.current_job.to_dict()
+                if trainer and trainer.current_job
+                else None,
+                "jobs": [job.to_dict() for job in ledger.jobs(limit=10)],
+                "ledger": ledger.stats(),
+            }
+        return body
 
     return app
+
+
+def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None = None) -> FastAPI:
+    """Everything `labelloop serve` runs: the current model (if any), the annotation ledger,
+    the embedding cache and the background trainer, all under MODEL_DIR."""
+    from ..incremental import EmbeddingCache
+
+    settings.model_dir.mkdir(parents=True, exist_ok=True)
+    if settings.cache_dir is None:
+        settings = settings.model_copy(
+            update={"cache_dir": settings.model_dir / "cache" / "images"}
+        )
+    try:
+        holder = ModelHolder(LoadedModel.from_bundle(load_bundle(settings.model_dir)))
+    except StoreError as exc:
+        logger.warning(
+            "Starting without a model (predictions stay empty until one is trained): %s", exc
+        )
+        holder = ModelHolder(None)
+    fetchers = FetcherRegistry(settings)
+    ledger = Ledger(settings.model_dir / "ledger.sqlite3")
+    (settings.model_dir / "cache").mkdir(exist_ok=True)
+    trainer = Trainer(
+        store=ModelStore(settings.model_dir),
+        ledger=ledger,
+        holder=holder,
+        fetcher=fetchers.current,
+        embeddings=EmbeddingCache(settings.model_dir / "cache" / "embeddings.sqlite3"),
+        settings=trainer_settings or TrainerSettings(),
+    )
+    return create_app(settings, holder, fetchers=fetchers, ledger=ledger, trainer=trainer)

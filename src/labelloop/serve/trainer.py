@@ -1,0 +1,464 @@
+"""The background trainer: turns ledger changes into new model versions, off the request path.
+
+One job at a time in one thread. Requests while a job runs coalesce into a single follow-up per
+project. A *fast update* refits the head on cached backbone embeddings and re-tunes thresholds;
+the candidate is compared with the current model on a held-out share of annotated tasks that is
+never trained on, and promoted only if it is not worse by more than a tolerance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from sklearn.metrics import f1_score
+
+from ..config import PreprocessConfig
+from ..data import compute_pos_weight
+from ..incremental import (
+    EmbeddingCache,
+    embed_images,
+    extend_head,
+    fit_head,
+    head_of,
+    model_with_head,
+    predict_features,
+)
+from ..labels import LabelSpace
+from ..labelstudio.images import ImageFetcher, ImageFetchError
+from ..labelstudio.label_config import parse_label_config
+from ..ledger import Job, Ledger, TrainingExample
+from ..model import build_model
+from ..store import ModelBundle, ModelStore, load_bundle, manifest_for, write_model_files
+from ..thresholds import tune_thresholds
+from .predictor import LoadedModel, ModelHolder
+
+logger = logging.getLogger(__name__)
+
+FAST = "fast"
+FULL = "full"
+
+
+class TrainerSettings(BaseModel):
+    """Knobs of incremental training; defaults suit a team labelling a few hundred images."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Auto-train after this many new or changed annotations...
+    auto_train_after: int = Field(10, ge=1)
+    # ...or after this many seconds without a new change, whichever comes first.
+    quiet_seconds: float = Field(60.0, gt=0)
+    # Cold start: the first model waits until every control has this many positive labels.
+    min_labels_per_control: int = Field(3, ge=1)
+    # Share of annotated tasks (by task-id hash) never trained on, used to compare models.
+    holdout_percent: int = Field(20, ge=0, le=50)
+    # Share of the rest used to tune thresholds.
+    val_percent: int = Field(20, ge=0, le=50)
+    # Promote unless macro-F1 on the held-out tasks drops by more than this.
+    tolerance: float = Field(0.02, ge=0.0, le=1.0)
+    cold_start_backbone: str = "resnet18"
+    cold_start_weights: str = "imagenet"
+    cold_start_image_size: int = Field(224, ge=32)
+    fetch_workers: int = Field(8, ge=1)
+    poll_seconds: float = Field(0.5, gt=0)
+
+
+def split_of(task_id: int, settings: TrainerSettings) -> str:
+    """'holdout', 'val' or 'train', stable for a task forever (a hash, not a random draw)."""
+    bucket = int(hashlib.sha256(f"task:{task_id}".encode()).hexdigest()[:8], 16) % 100
+    if bucket < settings.holdout_percent:
+        return "holdout"
+    if bucket < settings.holdout_percent + settings.val_percent:
+        return "val"
+    return "train"
+
+
+@dataclass
+class _Prepared:
+    """Examples turned into features and targets for one job."""
+
+    space: LabelSpace
+    features: np.ndarray
+    targets: np.ndarray
+    splits: np.ndarray  # of str
+    n_failed: int
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        store: ModelStore,
+        ledger: Ledger,
+        holder: ModelHolder,
+        fetcher: Callable[[], ImageFetcher],
+        embeddings: EmbeddingCache,
+        settings: TrainerSettings,
+        on_promote: Callable[[str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.ledger = ledger
+        self.holder = holder
+        self.fetcher = fetcher
+        self.embeddings = embeddings
+        self.settings = settings
+        self.on_promote = on_promote
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._request_lock = threading.Lock()
+        self.current_job: Job | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        recovered = self.ledger.recover_interrupted()
+        for job in recovered:
+            logger.warning("Re-queued job %d of project %d after a restart", job.id, job.project_id)
+        self._thread = threading.Thread(target=self._loop, name="trainer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout_s)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def request(self, project_id: int, kinds: Sequence[str], trigger: str) -> list[Job]:
+        """Queue jobs; a kind already queued for the project is not queued twice."""
+        jobs = []
+        with self._request_lock:
+            queued = {(j.project_id, j.kind): j for j in self.ledger.pending_jobs()}
+            for kind in kinds:
+                existing = queued.get((project_id, kind))
+                jobs.append(existing or self.ledger.create_job(project_id, kind, trigger))
+        self._wake.set()
+        return jobs
+
+    def notify_change(self) -> None:
+        self._wake.set()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.settings.poll_seconds)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self._queue_auto_training()
+                pending = self.ledger.pending_jobs()
+                if pending:
+                    self._run(pending[0])
+            except Exception:  # noqa: BLE001 - the trainer thread must outlive any one failure
+                logger.exception("Trainer loop error")
+                time.sleep(self.settings.poll_seconds)
+
+    def _last_trained_seq(self, project_id: int) -> int:
+        for job in self.ledger.jobs(project_id=project_id, limit=50):
+            if job.state in ("succeeded", "rejected", "skipped") and job.trained_seq is not None:
+                return int(job.trained_seq)
+        return 0
+
+    def _queue_auto_training(self) -> None:
+        now = time.time()
+        for project_id in self.ledger.projects():
+            seq = self.ledger.change_seq(project_id)
+            pending = seq - self._last_trained_seq(project_id)
+            if pending <= 0:
+                continue
+            last_change = self.ledger.last_change_at(project_id) or now
+            if (
+                pending >= self.settings.auto_train_after
+                or now - last_change >= self.settings.quiet_seconds
+            ):
+                if not any(j.project_id == project_id for j in self.ledger.pending_jobs()):
+                    logger.info("Auto-training project %d after %d change(s)", project_id, pending)
+                    self.request(project_id, [FAST], "auto")
+
+    def _run(self, job: Job) -> None:
+        started = time.time()
+        seq = self.ledger.change_seq(job.project_id)
+        job = self.ledger.update_job(
+            job.id, state="running", started_at=started, progress="starting"
+        )
+        self.current_job = job
+        try:
+            if job.kind != FAST:
+                raise NotImplementedError(f"{job.kind} updates are not available yet")
+            outcome = self._fast_update(job)
+        except Exception as exc:  # noqa: BLE001 - a failed job is recorded, the last model serves on
+            logger.exception("Job %d (%s, project %d) failed", job.id, job.kind, job.project_id)
+            self.ledger.update_job(
+                job.id,
+                state="failed",
+                finished_at=time.time(),
+                error=f"{type(exc).__name__}: {exc}",
+                trained_seq=seq,
+            )
+        else:
+            self.ledger.update_job(job.id, finished_at=time.time(), trained_seq=seq, **outcome)
+        finally:
+            self.current_job = None
+
+    # -- fast update --------------------------------------------------------------------------
+
+    def _progress(self, job: Job, text: str) -> None:
+        self.ledger.update_job(job.id, progress=text)
+        logger.info("job %d: %s", job.id, text)
+
+    def _fast_update(self, job: Job) -> dict[str, Any]:
+        config_xml = self.ledger.label_config(job.project_id)
+        if config_xml is None:
+            return {"state": "skipped", "error": "the project's label config is not known yet"}
+        config = parse_label_config(config_xml)
+        examples = self.ledger.training_set(job.project_id)
+        current = self.holder.current
+        base = current.bundle if current is not None else None
+        if base is None:
+            missing = self._cold_start_shortfall(examples, [c.name for c in config.controls])
+            if missing:
+                return {"state": "skipped", "error": f"cold start: waiting for labels ({missing})"}
+            base = self._cold_start_bundle(config)
+
+        space = _label_space_for(base.label_space, config.controls, examples)
+        self._progress(job, f"fetching {len(examples)} images")
+        prepared = self._prepare(job, base, space, examples, [c.name for c in config.controls])
+        train = prepared.splits == "train"
+        if not train.any() or not prepared.targets[train].any():
+            return {"state": "skipped", "error": "no labelled training images yet"}
+
+        self._progress(job, f"fitting the head on {int(train.sum())} images")
+        init = extend_head(head_of(base.model), base.label_space.classes, space.classes)
+        pos_weight, _ = compute_pos_weight(prepared.targets[train], min_weight=1.0, max_weight=10.0)
+        head = fit_head(
+            prepared.features[train],
+            prepared.targets[train],
+            init=init,
+            pos_weight=pos_weight.numpy(),
+        )
+
+        old_thresholds = dict(zip(base.label_space.classes, base.thresholds, strict=True))
+        thresholds = self._thresholds(prepared, head, space, old_thresholds)
+        metrics = self._compare(prepared, head, thresholds, base if current is not None else None)
+        promote = (
+            current is None
+            or metrics["candidate_f1"] >= metrics["current_f1"] - self.settings.tolerance
+        )
+
+        version = self._publish(base, space, head, thresholds, metrics, job, make_current=promote)
+        result: dict[str, Any] = {"metrics": metrics, "candidate_version": version}
+        if promote:
+            bundle = load_bundle(self.store.version_dir(version))
+            self.holder.swap(LoadedModel.from_bundle(bundle))
+            if self.on_promote is not None:
+                self.on_promote(version)
+            result.update(state="succeeded", promoted_version=version, progress="promoted")
+        else:
+            result.update(state="rejected", progress="rejected: worse on held-out tasks")
+            logger.warning("Candidate %s rejected: %s", version, metrics)
+        return result
+
+    def _cold_start_shortfall(
+        self, examples: Sequence[TrainingExample], controls: Sequence[str]
+    ) -> str:
+        counts = {name: 0 for name in controls}
+        for example in examples:
+            for name in controls:
+                counts[name] += len(example.labels.get(name, ()))
+        short = {n: c for n, c in counts.items() if c < self.settings.min_labels_per_control}
+        return ", ".join(
+            f"{n}: {c}/{self.settings.min_labels_per_control}" for n, c in short.items()
+        )
+
+    def _cold_start_bundle(self, config) -> ModelBundle:  # noqa: ANN001
+        """A first model from annotations alone: the configured backbone with an empty head."""
+        from ..store import Manifest
+
+        space = LabelSpace.from_mapping({c.name: list(c.choices) for c in config.controls})
+        model = build_model(
+            self.settings.cold_start_backbone, len(space), weights=self.settings.cold_start_weights
+        )
+        model.eval()
+        preprocess = PreprocessConfig(image_size=self.settings.cold_start_image_size)
+        manifest = Manifest(
+            version="cold-start",
+            created_at="",
+            backbone=self.settings.cold_start_backbone,
+            num_classes=len(space),
+            label_groups=space.as_dict(),
+            preprocess=preprocess,
+        )
+        return ModelBundle(model, space, [0.5] * len(space), preprocess, manifest, Path("."))
+
+    def _prepare(
+        self,
+        job: Job,
+        bundle: ModelBundle,
+        space: LabelSpace,
+        examples: Sequence[TrainingExample],
+        controls: Sequence[str],
+    ) -> _Prepared:
+        fetcher = self.fetcher()
+
+        def fetch(example: TrainingExample) -> tuple[str, bytes] | None:
+            try:
+                return str(example.task_id), fetcher.fetch_bytes(
+                    example.image_ref, task_id=example.task_id
+                )
+            except ImageFetchError as exc:
+                logger.warning("Task %d left out of training: %s", example.task_id, exc.reason)
+                return None
+
+        with ThreadPoolExecutor(
+            self.settings.fetch_workers, thread_name_prefix="train-fetch"
+        ) as pool:
+            fetched = list(pool.map(fetch, examples))
+        usable = [(e, f) for e, f in zip(examples, fetched, strict=True) if f is not None]
+        self._progress(job, f"embedding {len(usable)} images")
+        features, failed = embed_images(bundle, [f for _, f in usable], self.embeddings)
+        failed_keys = set(failed)
+        kept = [e for e, f in usable if f[0] not in failed_keys]
+        targets = space.binarize(
+            [
+                name
+                for control in controls
+                for name in e.labels.get(control, ())
+                if name in space.index()
+            ]
+            for e in kept
+        )
+        splits = np.array([split_of(e.task_id, self.settings) for e in kept])
+        return _Prepared(space, features, targets, splits, len(examples) - len(kept))
+
+    def _thresholds(
+        self,
+        prepared: _Prepared,
+        head,
+        space: LabelSpace,
+        previous: dict[str, float],  # noqa: ANN001
+    ) -> list[float]:
+        val = prepared.splits == "val"
+        probs = predict_features(prepared.features[val], head)
+        tuned = tune_thresholds(prepared.targets[val], probs, min_positives=2)
+        # Too few validation positives to tune: keep what the class had, else the default.
+        return [
+            previous.get(name, float(t)) if method == "default" else float(t)
+            for name, t, method in zip(space.classes, tuned.thresholds, tuned.methods, strict=True)
+        ]
+
+    def _compare(
+        self,
+        prepared: _Prepared,
+        head,
+        thresholds: list[float],
+        current: ModelBundle | None,  # noqa: ANN001
+    ) -> dict[str, Any]:
+        holdout = prepared.splits == "holdout"
+        metrics: dict[str, Any] = {
+            "n_train": int((prepared.splits == "train").sum()),
+            "n_val": int((prepared.splits == "val").sum()),
+            "n_holdout": int(holdout.sum()),
+            "n_failed": prepared.n_failed,
+        }
+        if not holdout.any():
+            metrics.update(candidate_f1=0.0, current_f1=0.0, note="no held-out tasks yet")
+            return metrics
+        y_true = prepared.targets[holdout]
+        candidate = predict_features(prepared.features[holdout], head) >= np.asarray(thresholds)
+        metrics["candidate_f1"] = float(
+            f1_score(y_true, candidate, average="macro", zero_division=0)
+        )
+        if current is None:
+            metrics["current_f1"] = 0.0
+            return metrics
+        # The current model on the same tasks, through the same (unchanged) backbone features;
+        # classes it does not know count as never predicted.
+        current_probs = predict_features(prepared.features[holdout], head_of(current.model))
+        index = {name: i for i, name in enumerate(current.label_space.classes)}
+        current_pred = np.zeros_like(candidate)
+        for j, name in enumerate(prepared.space.classes):
+            if name in index:
+                i = index[name]
+                current_pred[:, j] = current_probs[:, i] >= current.thresholds[i]
+        metrics["current_f1"] = float(
+            f1_score(y_true, current_pred, average="macro", zero_division=0)
+        )
+        return metrics
+
+    def _publish(
+        self,
+        base: ModelBundle,
+        space: LabelSpace,
+        head,
+        thresholds: list[float],  # noqa: ANN001
+        metrics: dict[str, Any],
+        job: Job,
+        *,
+        make_current: bool,
+    ) -> str:
+        model = model_with_head(base, head)
+        version = self.store.next_version_name()
+        parent = self.holder.current.version if self.holder.current is not None else None
+        with self.store.staging() as staged:
+            write_model_files(staged, model, space, thresholds)
+            manifest = manifest_for(
+                version=version,
+                backbone=base.manifest.backbone,
+                dropout=base.manifest.dropout,
+                label_space=space,
+                preprocess=base.preprocess,
+                parent_version=parent,
+                training_config={
+                    "kind": job.kind,
+                    "trigger": job.trigger,
+                    "job": job.id,
+                    "project": job.project_id,
+                },
+                metrics={"incremental": metrics},
+            )
+            self.store.publish(staged, manifest, make_current=make_current)
+        return version
+
+
+def _label_space_for(
+    base: LabelSpace,
+    controls: Sequence,
+    examples: Sequence[TrainingExample],  # noqa: ANN001
+) -> LabelSpace:
+    """The model's classes plus any new choice of the config or label of the annotations.
+
+    A new name joins the group named like its control when there is one, else the group that
+    already holds most of that control's classes, else a new group named after the control.
+    """
+    known = set(base.classes)
+    group_of = base.group_of()
+    additions: dict[str, list[str]] = {}
+    for control in controls:
+        seen = list(control.choices)
+        for example in examples:
+            seen.extend(n for n in example.labels.get(control.name, ()) if n not in seen)
+        new = [n for n in seen if n not in known]
+        if not new:
+            continue
+        if control.name in base.group_names:
+            group = control.name
+        else:
+            owners = [group_of[c] for c in control.choices if c in group_of]
+            group = max(set(owners), key=owners.count) if owners else control.name
+        bucket = additions.setdefault(group, [])
+        bucket.extend(n for n in new if n not in bucket)
+        known.update(new)
+    return base.extended(additions) if additions else base
