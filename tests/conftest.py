@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,12 +86,15 @@ def backend_factory(label_studio, trained_model, tmp_path_factory: pytest.TempPa
     started: list[BackendProcess] = []
 
     def start(
-        *, basic_auth: tuple[str, str] | None = None, model_dir: Path | None = None
+        *, basic_auth: tuple[str, str] | None = None, args: tuple[str, ...] = ()
     ) -> BackendProcess:
-        logs = tmp_path_factory.mktemp("backend")
+        folder = tmp_path_factory.mktemp("backend")
+        # Each backend learns into its own copy: versions and ledgers never leak between tests.
+        model_dir = folder / "model"
+        shutil.copytree(trained_model[0], model_dir)
         backend = BackendProcess(
-            model_dir or trained_model[0],
-            logs / "backend.log",
+            model_dir,
+            folder / "backend.log",
             env={
                 "LABEL_STUDIO_URL": server.settings.url,
                 "LABEL_STUDIO_API_KEY": server.settings.token,
@@ -98,6 +102,7 @@ def backend_factory(label_studio, trained_model, tmp_path_factory: pytest.TempPa
                 "LOG_LEVEL": "INFO",
             },
             basic_auth=basic_auth,
+            args=args,
         )
         started.append(backend)
         return backend

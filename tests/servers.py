@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import httpx
 import uvicorn
 
 
@@ -44,20 +49,28 @@ class BackendProcess:
     """`labelloop serve` as a real process, for Label Studio to call."""
 
     def __init__(
-        self, model_dir, log_path, *, env: dict[str, str], basic_auth: tuple[str, str] | None = None
-    ):
-        import os
-        import subprocess
-        import sys
-
+        self,
+        model_dir: Path,
+        log_path: Path,
+        *,
+        env: dict[str, str],
+        basic_auth: tuple[str, str] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.model_dir = model_dir
         self.log_path = log_path
         self.auth = basic_auth
-        full_env = dict(os.environ, **env)
-        if basic_auth:
-            full_env.update(BASIC_AUTH_USER=basic_auth[0], BASIC_AUTH_PASS=basic_auth[1])
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.env = env
+        self.args = args
+        self._start()
+
+    def _start(self) -> None:
+        full_env = dict(os.environ, **self.env)
+        if self.auth:
+            full_env.update(BASIC_AUTH_USER=self.auth[0], BASIC_AUTH_PASS=self.auth[1])
+        self._log = self.log_path.open("a")
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -65,11 +78,12 @@ class BackendProcess:
                 "labelloop",
                 "serve",
                 "--model-dir",
-                str(model_dir),
+                str(self.model_dir),
                 "--host",
                 "127.0.0.1",
                 "--port",
                 str(self.port),
+                *self.args,
             ],
             env=full_env,
             stdout=self._log,
@@ -77,14 +91,18 @@ class BackendProcess:
         )
         self._wait_ready()
 
-    def health(self) -> dict:
-        import httpx
+    def restart(self) -> None:
+        """Stop and start again on the same port, model folder and settings."""
+        self.stop()
+        self._start()
 
+    def health(self) -> dict:
         return httpx.get(f"{self.url}/health", auth=self.auth, timeout=5).json()
 
-    def _wait_ready(self, timeout_s: float = 90.0) -> None:
-        import httpx
+    def get(self, path: str) -> dict:
+        return httpx.get(f"{self.url}{path}", auth=self.auth, timeout=10).json()
 
+    def _wait_ready(self, timeout_s: float = 90.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -99,8 +117,6 @@ class BackendProcess:
         raise RuntimeError(f"backend did not become ready: {self.log_path.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        import subprocess
-
         if self.process.poll() is None:
             self.process.terminate()
             try:

@@ -22,6 +22,8 @@ from typing import Any
 
 import httpx
 
+from .auth import LabelStudioAuth
+
 __all__ = ["LabelStudioAPIError", "LabelStudioClient"]
 
 _EXCERPT = 500
@@ -43,14 +45,32 @@ def _chunks(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
         yield items[i : i + size]
 
 
+class _HeaderAuth(httpx.Auth):
+    """Fresh auth headers on every request, so personal access tokens renew themselves."""
+
+    def __init__(self, auth: LabelStudioAuth) -> None:
+        self._auth = auth
+
+    def auth_flow(self, request: httpx.Request):
+        request.headers.update(self._auth.headers())
+        response = yield request
+        if response.status_code == 401 and self._auth.is_personal_access_token():
+            self._auth.invalidate()
+            request.headers.update(self._auth.headers())
+            yield request
+
+
 class LabelStudioClient:
     """Synchronous client over httpx; usable as a context manager."""
 
     def __init__(self, url: str, token: str, *, timeout_s: float = 120) -> None:
+        """`token`: a legacy token or a personal access token (exchanged and renewed)."""
         self.url = url.rstrip("/")
+        self._auth = LabelStudioAuth(self.url, token)
         self._http = httpx.Client(
             base_url=self.url,
-            headers={"Authorization": f"Token {token}", "Accept": "application/json"},
+            headers={"Accept": "application/json"},
+            auth=_HeaderAuth(self._auth),
             timeout=timeout_s,
             follow_redirects=False,
             trust_env=False,  # never send loopback traffic through a proxy from the env
@@ -99,6 +119,16 @@ class LabelStudioClient:
     def projects(self) -> list[dict[str, Any]]:
         reply = self._json("GET", "/api/projects/", params={"page_size": 1000})
         return list(reply["results"]) if isinstance(reply, dict) else list(reply)
+
+    def export_annotated(self, project_id: int) -> list[dict[str, Any]]:
+        """Every task with at least one annotation, annotations included (JSON export).
+
+        Unlike listing tasks through the Data Manager, an export never makes Label Studio ask
+        the backend for predictions.
+        """
+        return list(
+            self._json("GET", f"/api/projects/{project_id}/export", params={"exportType": "JSON"})
+        )
 
     def get_project(self, project_id: int) -> dict[str, Any]:
         return self._json("GET", f"/api/projects/{project_id}/")

@@ -23,6 +23,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from .. import __version__
 from ..labelstudio.annotations import AnnotationPayloadError
 from ..labelstudio.auth import LabelStudioAuth
+from ..labelstudio.client import LabelStudioClient
 from ..labelstudio.images import FetchSettings, ImageFetcher
 from ..labelstudio.label_config import LabelConfigError
 from ..labelstudio.protocol import (
@@ -110,14 +111,20 @@ class FetcherRegistry:
             if token:
                 self._setup_token = token
 
-    def current(self) -> ImageFetcher:
+    def credentials(self) -> tuple[str | None, str | None]:
+        """Label Studio's URL and token: the env settings, else what /setup last sent."""
         s = self.settings
         url = s.label_studio_url or self._setup_hostname
-        token = (
-            s.label_studio_api_key.get_secret_value()
-            if s.label_studio_api_key
-            else self._setup_token
-        )
+        key = s.label_studio_api_key
+        return url, key.get_secret_value() if key else self._setup_token
+
+    def client(self) -> LabelStudioClient | None:
+        url, token = self.credentials()
+        return LabelStudioClient(url, token) if url and token else None
+
+    def current(self) -> ImageFetcher:
+        s = self.settings
+        url, token = self.credentials()
         key = (url, token)
         with self._lock:
             fetcher = self._fetchers.get(key)
@@ -360,6 +367,7 @@ def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None 
         ledger=ledger,
         holder=holder,
         fetcher=fetchers.current,
+        label_studio=fetchers.client,
         embeddings=EmbeddingCache(settings.model_dir / "cache" / "embeddings.sqlite3"),
         settings=trainer_settings or TrainerSettings(),
     )

@@ -34,9 +34,11 @@ from ..incremental import (
     predict_features,
 )
 from ..labels import LabelSpace
+from ..labelstudio.annotations import record_from_task_annotation
+from ..labelstudio.client import LabelStudioAPIError, LabelStudioClient
 from ..labelstudio.images import ImageFetcher, ImageFetchError
 from ..labelstudio.label_config import parse_label_config
-from ..ledger import Job, Ledger, TrainingExample
+from ..ledger import Job, Ledger, ReconcileResult, TrainingExample
 from ..model import build_model
 from ..store import ModelBundle, ModelStore, load_bundle, manifest_for, write_model_files
 from ..thresholds import tune_thresholds
@@ -103,6 +105,7 @@ class Trainer:
         fetcher: Callable[[], ImageFetcher],
         embeddings: EmbeddingCache,
         settings: TrainerSettings,
+        label_studio: Callable[[], LabelStudioClient | None] | None = None,
         on_promote: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
@@ -111,6 +114,7 @@ class Trainer:
         self.fetcher = fetcher
         self.embeddings = embeddings
         self.settings = settings
+        self.label_studio = label_studio
         self.on_promote = on_promote
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -151,7 +155,51 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
 
+    def reconcile(self, project_id: int) -> ReconcileResult | None:
+        """Bring the ledger in line with Label Studio: recovers webhooks that never arrived
+        (backend down, 1 s timeout) and deletions made while we were not listening."""
+        client = self.label_studio() if self.label_studio is not None else None
+        if client is None:
+            logger.info(
+                "Cannot reconcile project %d: no Label Studio URL and token yet", project_id
+            )
+            return None
+        as_of = time.time()
+        try:
+            with client:
+                tasks = client.export_annotated(project_id)
+                config = self.ledger.label_config(project_id)
+                if config is None:
+                    config = client.get_project(project_id).get("label_config")
+                    if config:
+                        self.ledger.set_label_config(project_id, config)
+        except LabelStudioAPIError as exc:
+            logger.warning("Reconciling project %d with Label Studio failed: %s", project_id, exc)
+            return None
+        records = [
+            record_from_task_annotation(project_id, task, annotation, config)
+            for task in tasks
+            for annotation in task.get("annotations") or []
+        ]
+        result = self.ledger.reconcile(project_id, records, as_of=as_of)
+        logger.info(
+            "Reconciled project %d with Label Studio: %d added, %d updated, %d deleted",
+            project_id,
+            result.added,
+            result.updated,
+            result.deleted,
+        )
+        return result
+
+    def _reconcile_all(self) -> None:
+        for project_id in self.ledger.projects():
+            try:
+                self.reconcile(project_id)
+            except Exception:  # noqa: BLE001 - start-up must not fail because Label Studio is down
+                logger.exception("Reconciling project %d at start-up failed", project_id)
+
     def _loop(self) -> None:
+        self._reconcile_all()
         while not self._stop.is_set():
             self._wake.wait(self.settings.poll_seconds)
             self._wake.clear()
@@ -198,6 +246,10 @@ class Trainer:
         try:
             if job.kind != FAST:
                 raise NotImplementedError(f"{job.kind} updates are not available yet")
+            if job.trigger == "start_training":
+                self._progress(job, "reconciling with Label Studio")
+                self.reconcile(job.project_id)
+                seq = self.ledger.change_seq(job.project_id)
             outcome = self._fast_update(job)
         except Exception as exc:  # noqa: BLE001 - a failed job is recorded, the last model serves on
             logger.exception("Job %d (%s, project %d) failed", job.id, job.kind, job.project_id)
