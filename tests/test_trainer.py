@@ -305,3 +305,22 @@ def test_a_second_update_reuses_cached_embeddings(setup, demo_dataset, monkeypat
     finally:
         trainer.stop()
     assert sum(embedded) == 65
+
+
+def test_rollback_is_served_without_a_restart(setup, demo_dataset) -> None:
+    model_dir, holder, ledger, make = setup
+    first = holder.current.version
+    ledger.upsert(records(demo_dataset, 40))
+    trainer = make(tolerance=1.0)
+    trainer.start()
+    try:
+        [job] = trainer.request(PROJECT, ["fast"], "start_training")
+        assert wait_for_job(ledger, job.id).state == "succeeded"
+        assert holder.current.version != first
+        ModelStore(model_dir).set_current(first)  # what `labelloop rollback` does
+        deadline = time.monotonic() + 10
+        while holder.current.version != first and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        trainer.stop()
+    assert holder.current.version == first

@@ -40,7 +40,14 @@ from ..labelstudio.images import ImageFetcher, ImageFetchError
 from ..labelstudio.label_config import parse_label_config
 from ..ledger import Job, Ledger, ReconcileResult, TrainingExample
 from ..model import build_model
-from ..store import ModelBundle, ModelStore, load_bundle, manifest_for, write_model_files
+from ..store import (
+    ModelBundle,
+    ModelStore,
+    StoreError,
+    load_bundle,
+    manifest_for,
+    write_model_files,
+)
 from ..thresholds import tune_thresholds
 from .predictor import LoadedModel, ModelHolder
 
@@ -206,6 +213,7 @@ class Trainer:
             if self._stop.is_set():
                 break
             try:
+                self._follow_current()
                 self._queue_auto_training()
                 pending = self.ledger.pending_jobs()
                 if pending:
@@ -213,6 +221,24 @@ class Trainer:
             except Exception:  # noqa: BLE001 - the trainer thread must outlive any one failure
                 logger.exception("Trainer loop error")
                 time.sleep(self.settings.poll_seconds)
+
+    def _follow_current(self) -> None:
+        """Serve what `current` names, so `labelloop rollback` takes effect without a restart."""
+        wanted = self.store.current_version()
+        served = self.holder.current.version if self.holder.current is not None else None
+        if wanted is None or wanted == served:
+            return
+        try:
+            bundle = load_bundle(self.store.version_dir(wanted))
+        except StoreError as exc:
+            logger.error(
+                "current names %s, which cannot be loaded (%s); still serving %s",
+                wanted,
+                exc,
+                served,
+            )
+            return
+        self.holder.swap(LoadedModel.from_bundle(bundle))
 
     def _last_trained_seq(self, project_id: int) -> int:
         for job in self.ledger.jobs(project_id=project_id, limit=50):
