@@ -205,3 +205,23 @@ def test_demo_without_label_studio_trains_and_reports(tmp_path: Path) -> None:
     assert report.is_file()
     again = invoke("demo", "--workdir", tmp_path, "--no-label-studio")
     assert "Reusing the model" in again.output
+
+
+def test_status_shows_version_ledger_and_jobs(trained_model, tmp_path: Path) -> None:
+    import shutil
+
+    from labelloop.ledger import Ledger
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(trained_model[0], model_dir)
+    result = invoke("status", "--model-dir", model_dir)
+    assert result.exit_code == 0
+    assert f"current version: {trained_model[1].version}" in result.output
+    assert "no annotations recorded yet" in result.output
+    with Ledger(model_dir / "ledger.sqlite3") as ledger:
+        job = ledger.create_job(3, "fast", "start_training")
+        ledger.update_job(job.id, state="rejected", metrics={"candidate_f1": 0.4, "current_f1": 0.5})
+    result = invoke("status", "--model-dir", model_dir)
+    assert result.exit_code == 0, result.output
+    assert f"#{job.id} fast rejected  project 3 (start_training)" in result.output
+    assert "held-out macro-F1 0.400 (was 0.500)" in result.output
