@@ -220,7 +220,9 @@ def test_status_shows_version_ledger_and_jobs(trained_model, tmp_path: Path) -> 
     assert "no annotations recorded yet" in result.output
     with Ledger(model_dir / "ledger.sqlite3") as ledger:
         job = ledger.create_job(3, "fast", "start_training")
-        ledger.update_job(job.id, state="rejected", metrics={"candidate_f1": 0.4, "current_f1": 0.5})
+        ledger.update_job(
+            job.id, state="rejected", metrics={"candidate_f1": 0.4, "current_f1": 0.5}
+        )
     result = invoke("status", "--model-dir", model_dir)
     assert result.exit_code == 0, result.output
     assert f"#{job.id} fast rejected  project 3 (start_training)" in result.output

@@ -176,6 +176,13 @@ def test_start_training_returns_promptly_and_yields_a_version(world) -> None:
     assert job["candidate_version"]
     [ml] = [b for b in client.ml_backends(world["project"]) if b["id"] == world["ml"]["id"]]
     assert ml["state"] != "ER", ml
+    # Start Training runs a fast update, then a full fine-tune.
+    wait_until(lambda: idle(backend), timeout_s=240, what="the full update")
+    new_jobs = [j for j in training_jobs(backend) if j["id"] not in before]
+    assert {j["kind"] for j in new_jobs} == {"fast", "full"}, new_jobs
+    full = next(j for j in new_jobs if j["kind"] == "full")
+    assert full["state"] in ("succeeded", "rejected"), full
+    assert full["metrics"]["n_replay"] > 0
 
 
 def test_predict_during_training_succeeds(world) -> None:

@@ -324,3 +324,39 @@ def test_rollback_is_served_without_a_restart(setup, demo_dataset) -> None:
     finally:
         trainer.stop()
     assert holder.current.version == first
+
+
+def test_full_update_fine_tunes_everything_with_replay(setup, demo_dataset) -> None:
+    _, holder, ledger, make = setup
+    old = holder.current.bundle
+    ledger.upsert(records(demo_dataset, 40))
+    trainer = make(tolerance=1.0, full_epochs=2)
+    [job] = trainer.request(PROJECT, ["full"], "start_training")
+    trainer.start()
+    try:
+        done = wait_for_job(ledger, job.id, timeout_s=300)
+    finally:
+        trainer.stop()
+    assert done.state == "succeeded", done.error
+    # The offline training data (the demo CSV the fixture model was trained on) is replayed.
+    assert done.metrics["n_replay"] == 120
+    assert done.metrics["n_train"] > 120
+    new = holder.current.bundle
+    assert new.version == done.promoted_version
+    assert not torch.equal(new.model.conv1.weight, old.model.conv1.weight)  # backbone moved
+    assert new.manifest.data == old.manifest.data  # replay source carried forward
+    assert new.manifest.parent_version == old.version
+
+
+def test_start_training_queues_fast_then_full(setup) -> None:
+    from labelloop.labelstudio.protocol import WebhookEvent
+    from labelloop.serve.events import record_event
+
+    _, _, ledger, make = setup
+    trainer = make()
+    reply = record_event(
+        WebhookEvent(action="START_TRAINING", project={"id": PROJECT}), ledger, trainer
+    )
+    jobs = [ledger.job(i) for i in reply["queued"]]
+    assert [j.kind for j in jobs] == ["fast", "full"]
+    assert all(j.trigger == "start_training" for j in jobs)

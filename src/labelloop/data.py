@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import io
 import json
 import logging
 import os
@@ -539,18 +540,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Decode an image as RGB, honouring EXIF orientation (phones rotate via EXIF)."""
-    with Image.open(path) as img:
+def load_rgb(source: Path | bytes) -> Image.Image:
+    """Decode an image file (or its downloaded bytes) as RGB, honouring EXIF orientation."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
         return to_rgb(ImageOps.exif_transpose(img))
 
 
 class ImageDataset(Dataset):
-    """Images with multi-hot targets. Unreadable items yield None and are dropped by the collate."""
+    """Images (files, or downloaded bytes) with multi-hot targets. Unreadable items yield None
+    and are dropped by the collate."""
 
     def __init__(
         self,
-        paths: Sequence[Path],
+        paths: Sequence[Path | bytes],
         targets: np.ndarray | None,
         transform: Callable[[Image.Image], torch.Tensor],
     ) -> None:
@@ -567,7 +569,12 @@ class ImageDataset(Dataset):
         try:
             image = self.transform(load_rgb(self.paths[index]))
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-            logger.warning("Skipping unreadable image %s: %s", self.paths[index], exc)
+            item = self.paths[index]
+            logger.warning(
+                "Skipping unreadable image %s: %s",
+                item if isinstance(item, Path) else f"#{index}",
+                exc,
+            )
             return None
         target = self.targets[index] if self.targets is not None else torch.empty(0)
         return image, target, index

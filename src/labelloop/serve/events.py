@@ -8,7 +8,7 @@ from typing import Any
 from ..labelstudio.annotations import deleted_ids_from_event, records_from_event
 from ..labelstudio.protocol import WebhookEvent
 from ..ledger import Ledger
-from .trainer import FAST, Trainer
+from .trainer import FAST, FULL, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ def record_event(event: WebhookEvent, ledger: Ledger, trainer: Trainer | None) -
     if action == "START_TRAINING":
         if project_id is None or trainer is None:
             return {"queued": []}
-        jobs = trainer.request(project_id, [FAST], "start_training")
+        # Fast first (a better model in seconds), then the full fine-tune.
+        jobs = trainer.request(project_id, [FAST, FULL], "start_training")
         return {"queued": [job.id for job in jobs]}
     if action == "PROJECT_UPDATED":
         if config_changed and trainer is not None and project_id is not None:

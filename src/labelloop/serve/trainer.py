@@ -10,20 +10,29 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from sklearn.metrics import f1_score
+from torch.utils.data import DataLoader
 
-from ..config import PreprocessConfig
-from ..data import compute_pos_weight
+from ..config import DataConfig, OptimConfig, PreprocessConfig
+from ..data import (
+    DataError,
+    ImageDataset,
+    collate_skip_none,
+    compute_pos_weight,
+    load_labelstudio_export,
+    load_metadata,
+)
 from ..incremental import (
     EmbeddingCache,
     embed_images,
@@ -49,6 +58,8 @@ from ..store import (
     write_model_files,
 )
 from ..thresholds import tune_thresholds
+from ..train import fit, predict, resolve_device
+from ..transforms import eval_transform, train_transform
 from .predictor import LoadedModel, ModelHolder
 
 logger = logging.getLogger(__name__)
@@ -77,6 +88,12 @@ class TrainerSettings(BaseModel):
     cold_start_backbone: str = "resnet18"
     cold_start_weights: str = "imagenet"
     cold_start_image_size: int = Field(224, ge=32)
+    # Full update: fine-tune everything from the current weights, annotations + replayed data.
+    full_epochs: int = Field(5, ge=1)
+    full_lr: float = Field(1e-4, gt=0)
+    full_patience: int = Field(2, ge=1)
+    full_batch_size: int = Field(16, ge=1)
+    replay_max: int = Field(2000, ge=0)
     fetch_workers: int = Field(8, ge=1)
     poll_seconds: float = Field(0.5, gt=0)
 
@@ -89,17 +106,6 @@ def split_of(task_id: int, settings: TrainerSettings) -> str:
     if bucket < settings.holdout_percent + settings.val_percent:
         return "val"
     return "train"
-
-
-@dataclass
-class _Prepared:
-    """Examples turned into features and targets for one job."""
-
-    space: LabelSpace
-    features: np.ndarray
-    targets: np.ndarray
-    splits: np.ndarray  # of str
-    n_failed: int
 
 
 class Trainer:
@@ -270,13 +276,12 @@ class Trainer:
         )
         self.current_job = job
         try:
-            if job.kind != FAST:
-                raise NotImplementedError(f"{job.kind} updates are not available yet")
-            if job.trigger == "start_training":
+            if job.trigger == "start_training" and job.kind == FAST:
                 self._progress(job, "reconciling with Label Studio")
                 self.reconcile(job.project_id)
                 seq = self.ledger.change_seq(job.project_id)
-            outcome = self._fast_update(job)
+            update = self._fast_update if job.kind == FAST else self._full_update
+            outcome = update(job)
         except Exception as exc:  # noqa: BLE001 - a failed job is recorded, the last model serves on
             logger.exception("Job %d (%s, project %d) failed", job.id, job.kind, job.project_id)
             self.ledger.update_job(
@@ -291,62 +296,302 @@ class Trainer:
         finally:
             self.current_job = None
 
-    # -- fast update --------------------------------------------------------------------------
-
     def _progress(self, job: Job, text: str) -> None:
         self.ledger.update_job(job.id, progress=text)
         logger.info("job %d: %s", job.id, text)
 
-    def _fast_update(self, job: Job) -> dict[str, Any]:
+    def _inputs(self, job: Job) -> tuple[Any, list[TrainingExample]] | str:
+        """The project's parsed label config and training set, or why there is nothing to do."""
         config_xml = self.ledger.label_config(job.project_id)
         if config_xml is None:
-            return {"state": "skipped", "error": "the project's label config is not known yet"}
-        config = parse_label_config(config_xml)
-        examples = self.ledger.training_set(job.project_id)
+            return "the project's label config is not known yet"
+        return parse_label_config(config_xml), self.ledger.training_set(job.project_id)
+
+    # -- fast update --------------------------------------------------------------------------
+
+    def _fast_update(self, job: Job) -> dict[str, Any]:
+        inputs = self._inputs(job)
+        if isinstance(inputs, str):
+            return {"state": "skipped", "error": inputs}
+        config, examples = inputs
+        controls = [c.name for c in config.controls]
         current = self.holder.current
         base = current.bundle if current is not None else None
         if base is None:
-            missing = self._cold_start_shortfall(examples, [c.name for c in config.controls])
+            missing = self._cold_start_shortfall(examples, controls)
             if missing:
                 return {"state": "skipped", "error": f"cold start: waiting for labels ({missing})"}
             base = self._cold_start_bundle(config)
 
         space = _label_space_for(base.label_space, config.controls, examples)
-        self._progress(job, f"fetching {len(examples)} images")
-        prepared = self._prepare(job, base, space, examples, [c.name for c in config.controls])
-        train = prepared.splits == "train"
-        if not train.any() or not prepared.targets[train].any():
+        fetched = self._fetch(job, examples)
+        self._progress(job, f"embedding {len(fetched)} images")
+        features, failed = embed_images(
+            base, [(str(e.task_id), data) for e, data in fetched], self.embeddings
+        )
+        kept = [e for e, _ in fetched if str(e.task_id) not in set(failed)]
+        targets = _targets(space, kept, controls)
+        splits = np.array([split_of(e.task_id, self.settings) for e in kept])
+        train = splits == "train"
+        if not train.any() or not targets[train].any():
             return {"state": "skipped", "error": "no labelled training images yet"}
 
         self._progress(job, f"fitting the head on {int(train.sum())} images")
         init = extend_head(head_of(base.model), base.label_space.classes, space.classes)
-        pos_weight, _ = compute_pos_weight(prepared.targets[train], min_weight=1.0, max_weight=10.0)
-        head = fit_head(
-            prepared.features[train],
-            prepared.targets[train],
-            init=init,
-            pos_weight=pos_weight.numpy(),
-        )
+        pos_weight, _ = compute_pos_weight(targets[train], min_weight=1.0, max_weight=10.0)
+        head = fit_head(features[train], targets[train], init=init, pos_weight=pos_weight.numpy())
 
-        old_thresholds = dict(zip(base.label_space.classes, base.thresholds, strict=True))
-        thresholds = self._thresholds(prepared, head, space, old_thresholds)
-        metrics = self._compare(prepared, head, thresholds, base if current is not None else None)
-        promote = (
-            current is None
-            or metrics["candidate_f1"] >= metrics["current_f1"] - self.settings.tolerance
+        val, holdout = splits == "val", splits == "holdout"
+        thresholds = _tuned(targets[val], predict_features(features[val], head), space, base)
+        current_probs = (
+            predict_features(features[holdout], head_of(base.model)) if current else None
         )
+        metrics = self._gate_metrics(
+            space,
+            targets[holdout],
+            predict_features(features[holdout], head),
+            thresholds,
+            base if current else None,
+            current_probs,
+        )
+        metrics.update(
+            n_train=int(train.sum()), n_val=int(val.sum()), n_failed=len(examples) - len(kept)
+        )
+        return self._finish(job, base, model_with_head(base, head), space, thresholds, metrics)
 
-        version = self._publish(base, space, head, thresholds, metrics, job, make_current=promote)
+    # -- full update --------------------------------------------------------------------------
+
+    def _full_update(self, job: Job) -> dict[str, Any]:
+        """Fine-tune the whole network from the current weights on the annotations plus the
+        offline training data (replayed, so what the model knew is not forgotten)."""
+        current = self.holder.current
+        if current is None:
+            return {
+                "state": "skipped",
+                "error": "no model to fine-tune yet (a fast update makes one)",
+            }
+        inputs = self._inputs(job)
+        if isinstance(inputs, str):
+            return {"state": "skipped", "error": inputs}
+        config, examples = inputs
+        controls = [c.name for c in config.controls]
+        base = current.bundle
+        space = _label_space_for(base.label_space, config.controls, examples)
+        fetched = self._fetch(job, examples)
+        annotated = [data for _, data in fetched]
+        targets = _targets(space, [e for e, _ in fetched], controls)
+        splits = np.array([split_of(e.task_id, self.settings) for e, _ in fetched])
+        replay_items, replay_targets = self._replay(base, space)
+        train_items = [a for a, s in zip(annotated, splits, strict=True) if s == "train"]
+        train_items += replay_items
+        train_targets = np.concatenate([targets[splits == "train"], replay_targets])
+        if not len(train_items) or not train_targets.any():
+            return {"state": "skipped", "error": "no labelled training images yet"}
+
+        s = self.settings
+        transform_train = train_transform(base.preprocess)
+        transform_eval = eval_transform(base.preprocess)
+
+        def loader(items, targets, transform, shuffle=False) -> DataLoader:  # noqa: ANN001
+            dataset = ImageDataset(items, targets, transform)
+            return DataLoader(
+                dataset, batch_size=s.full_batch_size, shuffle=shuffle, collate_fn=collate_skip_none
+            )
+
+        val_mask, holdout = splits == "val", splits == "holdout"
+        val_items = [a for a, m in zip(annotated, val_mask, strict=True) if m]
+        val_loader = loader(
+            val_items or train_items[:1],
+            targets[val_mask] if val_items else train_targets[:1],
+            transform_eval,
+        )
+        model = model_with_head(
+            base, extend_head(head_of(base.model), base.label_space.classes, space.classes)
+        )
+        pos_weight, _ = compute_pos_weight(train_targets, min_weight=1.0, max_weight=10.0)
+        device = resolve_device("auto")
+        work_dir = self.store.root / "work" / f"job-{job.id}"
+        self._progress(
+            job,
+            f"fine-tuning on {len(train_items)} images "
+            f"({len(replay_items)} replayed from offline data)",
+        )
+        result = fit(
+            model,
+            loader(train_items, train_targets, transform_train, shuffle=True),
+            val_loader,
+            pos_weight=pos_weight,
+            config=OptimConfig(
+                epochs=s.full_epochs,
+                batch_size=s.full_batch_size,
+                lr=s.full_lr,
+                patience=s.full_patience,
+                monitor="loss",
+            ),
+            device=device,
+            work_dir=work_dir,
+            show_progress=False,
+            on_epoch=lambda row: self._progress(
+                job, f"epoch {row['epoch']}/{s.full_epochs}: val loss {row['val_loss']:.4f}"
+            ),
+        )
+        shutil.rmtree(work_dir, ignore_errors=True)
+        model.cpu().eval()
+
+        val_probs, val_true, _, _ = predict(model, val_loader, device, show_progress=False)
+        thresholds = (
+            _tuned(val_true, val_probs, space, base)
+            if val_items
+            else _carried_thresholds(space, base)
+        )
+        holdout_items = [a for a, m in zip(annotated, holdout, strict=True) if m]
+        holdout_true = targets[holdout]
+        candidate_probs = current_probs = np.zeros((0, len(space)))
+        if holdout_items:
+            candidate_probs, _, _, _ = predict(
+                model,
+                loader(holdout_items, holdout_true, transform_eval),
+                device,
+                show_progress=False,
+            )
+            current_probs, _, _, _ = predict(
+                base.model,
+                loader(holdout_items, holdout_true, eval_transform(base.preprocess)),
+                torch.device("cpu"),
+                show_progress=False,
+            )
+        metrics = self._gate_metrics(
+            space, holdout_true, candidate_probs, thresholds, base, current_probs
+        )
+        metrics.update(
+            n_train=len(train_items),
+            n_replay=len(replay_items),
+            n_val=len(val_items),
+            best_epoch=result.best_epoch,
+        )
+        return self._finish(job, base, model, space, thresholds, metrics)
+
+    def _replay(self, base: ModelBundle, space: LabelSpace) -> tuple[list[Path], np.ndarray]:
+        """The offline training images the model came from, relabelled into `space`."""
+        source, images = base.manifest.data.get("source"), base.manifest.data.get("images")
+        if not source or not images or not Path(source).is_file():
+            logger.info("No offline training data to replay (none recorded, or moved)")
+            return [], np.zeros((0, len(space)), dtype=np.float32)
+        raw = dict(base.manifest.training_config.get("data") or {})
+        raw.update(allow_new_classes=True)
+        try:
+            data_config = DataConfig.model_validate(raw)
+            loader = load_labelstudio_export if source.endswith(".json") else load_metadata
+            data = loader(Path(source), Path(images), data_config)
+        except (DataError, ValueError) as exc:
+            logger.warning("Offline training data %s cannot be replayed: %s", source, exc)
+            return [], np.zeros((0, len(space)), dtype=np.float32)
+        known = space.index()
+        samples = data.samples[: self.settings.replay_max]
+        targets = space.binarize([n for n in s.all_labels() if n in known] for s in samples)
+        return [s.path for s in samples], targets
+
+    # -- shared steps -------------------------------------------------------------------------
+
+    def _fetch(
+        self, job: Job, examples: Sequence[TrainingExample]
+    ) -> list[tuple[TrainingExample, bytes]]:
+        self._progress(job, f"fetching {len(examples)} images")
+        fetcher = self.fetcher()
+
+        def fetch(example: TrainingExample) -> bytes | None:
+            try:
+                return fetcher.fetch_bytes(example.image_ref, task_id=example.task_id)
+            except ImageFetchError as exc:
+                logger.warning("Task %d left out of training: %s", example.task_id, exc.reason)
+                return None
+
+        with ThreadPoolExecutor(
+            self.settings.fetch_workers, thread_name_prefix="train-fetch"
+        ) as pool:
+            fetched = list(pool.map(fetch, examples))
+        return [(e, data) for e, data in zip(examples, fetched, strict=True) if data is not None]
+
+    def _gate_metrics(
+        self,
+        space: LabelSpace,
+        y_true: np.ndarray,
+        candidate_probs: np.ndarray,
+        thresholds: list[float],
+        current: ModelBundle | None,
+        current_probs: np.ndarray | None,
+    ) -> dict[str, Any]:
+        """Candidate and current model on the same held-out tasks, each at its own thresholds;
+        classes the current model does not know count as never predicted by it."""
+        metrics: dict[str, Any] = {"n_holdout": int(len(y_true))}
+        if not len(y_true):
+            metrics.update(candidate_f1=0.0, current_f1=0.0, note="no held-out tasks yet")
+            return metrics
+        candidate = candidate_probs >= np.asarray(thresholds)
+        metrics["candidate_f1"] = float(
+            f1_score(y_true, candidate, average="macro", zero_division=0)
+        )
+        if current is None or current_probs is None:
+            metrics["current_f1"] = 0.0
+            return metrics
+        index = {name: i for i, name in enumerate(current.label_space.classes)}
+        current_pred = np.zeros_like(candidate)
+        for j, name in enumerate(space.classes):
+            if name in index:
+                i = index[name]
+                current_pred[:, j] = current_probs[:, i] >= current.thresholds[i]
+        metrics["current_f1"] = float(
+            f1_score(y_true, current_pred, average="macro", zero_division=0)
+        )
+        return metrics
+
+    def _finish(
+        self,
+        job: Job,
+        base: ModelBundle,
+        model: torch.nn.Module,
+        space: LabelSpace,
+        thresholds: list[float],
+        metrics: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Publish the candidate (kept even when rejected) and promote it if it passes the gate."""
+        current = self.holder.current
+        promote = current is None or (
+            metrics["candidate_f1"] >= metrics["current_f1"] - self.settings.tolerance
+        )
+        version = self.store.next_version_name()
+        with self.store.staging() as staged:
+            write_model_files(staged, model, space, thresholds)
+            manifest = manifest_for(
+                version=version,
+                backbone=base.manifest.backbone,
+                dropout=base.manifest.dropout,
+                label_space=space,
+                preprocess=base.preprocess,
+                parent_version=current.version if current is not None else None,
+                training_config={
+                    **base.manifest.training_config,
+                    "incremental": {
+                        "kind": job.kind,
+                        "trigger": job.trigger,
+                        "job": job.id,
+                        "project": job.project_id,
+                    },
+                },
+                metrics={"incremental": metrics},
+                # Carried forward so a later full update can still replay the offline data.
+                data=base.manifest.data,
+            )
+            self.store.publish(staged, manifest, make_current=promote)
         result: dict[str, Any] = {"metrics": metrics, "candidate_version": version}
-        if promote:
-            bundle = load_bundle(self.store.version_dir(version))
-            self.holder.swap(LoadedModel.from_bundle(bundle))
-            if self.on_promote is not None:
-                self.on_promote(version)
-            result.update(state="succeeded", promoted_version=version, progress="promoted")
-        else:
-            result.update(state="rejected", progress="rejected: worse on held-out tasks")
+        if not promote:
             logger.warning("Candidate %s rejected: %s", version, metrics)
+            result.update(state="rejected", progress="rejected: worse on held-out tasks")
+            return result
+        self.holder.swap(LoadedModel.from_bundle(load_bundle(self.store.version_dir(version))))
+        if self.on_promote is not None:
+            self.on_promote(version)
+        result.update(state="succeeded", promoted_version=version, progress="promoted")
         return result
 
     def _cold_start_shortfall(
@@ -381,134 +626,32 @@ class Trainer:
         )
         return ModelBundle(model, space, [0.5] * len(space), preprocess, manifest, Path("."))
 
-    def _prepare(
-        self,
-        job: Job,
-        bundle: ModelBundle,
-        space: LabelSpace,
-        examples: Sequence[TrainingExample],
-        controls: Sequence[str],
-    ) -> _Prepared:
-        fetcher = self.fetcher()
 
-        def fetch(example: TrainingExample) -> tuple[str, bytes] | None:
-            try:
-                return str(example.task_id), fetcher.fetch_bytes(
-                    example.image_ref, task_id=example.task_id
-                )
-            except ImageFetchError as exc:
-                logger.warning("Task %d left out of training: %s", example.task_id, exc.reason)
-                return None
+def _targets(
+    space: LabelSpace, examples: Sequence[TrainingExample], controls: Sequence[str]
+) -> np.ndarray:
+    known = space.index()
+    return space.binarize(
+        [name for control in controls for name in e.labels.get(control, ()) if name in known]
+        for e in examples
+    )
 
-        with ThreadPoolExecutor(
-            self.settings.fetch_workers, thread_name_prefix="train-fetch"
-        ) as pool:
-            fetched = list(pool.map(fetch, examples))
-        usable = [(e, f) for e, f in zip(examples, fetched, strict=True) if f is not None]
-        self._progress(job, f"embedding {len(usable)} images")
-        features, failed = embed_images(bundle, [f for _, f in usable], self.embeddings)
-        failed_keys = set(failed)
-        kept = [e for e, f in usable if f[0] not in failed_keys]
-        targets = space.binarize(
-            [
-                name
-                for control in controls
-                for name in e.labels.get(control, ())
-                if name in space.index()
-            ]
-            for e in kept
-        )
-        splits = np.array([split_of(e.task_id, self.settings) for e in kept])
-        return _Prepared(space, features, targets, splits, len(examples) - len(kept))
 
-    def _thresholds(
-        self,
-        prepared: _Prepared,
-        head,
-        space: LabelSpace,
-        previous: dict[str, float],  # noqa: ANN001
-    ) -> list[float]:
-        val = prepared.splits == "val"
-        probs = predict_features(prepared.features[val], head)
-        tuned = tune_thresholds(prepared.targets[val], probs, min_positives=2)
-        # Too few validation positives to tune: keep what the class had, else the default.
-        return [
-            previous.get(name, float(t)) if method == "default" else float(t)
-            for name, t, method in zip(space.classes, tuned.thresholds, tuned.methods, strict=True)
-        ]
+def _carried_thresholds(space: LabelSpace, base: ModelBundle) -> list[float]:
+    previous = dict(zip(base.label_space.classes, base.thresholds, strict=True))
+    return [previous.get(name, 0.5) for name in space.classes]
 
-    def _compare(
-        self,
-        prepared: _Prepared,
-        head,
-        thresholds: list[float],
-        current: ModelBundle | None,  # noqa: ANN001
-    ) -> dict[str, Any]:
-        holdout = prepared.splits == "holdout"
-        metrics: dict[str, Any] = {
-            "n_train": int((prepared.splits == "train").sum()),
-            "n_val": int((prepared.splits == "val").sum()),
-            "n_holdout": int(holdout.sum()),
-            "n_failed": prepared.n_failed,
-        }
-        if not holdout.any():
-            metrics.update(candidate_f1=0.0, current_f1=0.0, note="no held-out tasks yet")
-            return metrics
-        y_true = prepared.targets[holdout]
-        candidate = predict_features(prepared.features[holdout], head) >= np.asarray(thresholds)
-        metrics["candidate_f1"] = float(
-            f1_score(y_true, candidate, average="macro", zero_division=0)
-        )
-        if current is None:
-            metrics["current_f1"] = 0.0
-            return metrics
-        # The current model on the same tasks, through the same (unchanged) backbone features;
-        # classes it does not know count as never predicted.
-        current_probs = predict_features(prepared.features[holdout], head_of(current.model))
-        index = {name: i for i, name in enumerate(current.label_space.classes)}
-        current_pred = np.zeros_like(candidate)
-        for j, name in enumerate(prepared.space.classes):
-            if name in index:
-                i = index[name]
-                current_pred[:, j] = current_probs[:, i] >= current.thresholds[i]
-        metrics["current_f1"] = float(
-            f1_score(y_true, current_pred, average="macro", zero_division=0)
-        )
-        return metrics
 
-    def _publish(
-        self,
-        base: ModelBundle,
-        space: LabelSpace,
-        head,
-        thresholds: list[float],  # noqa: ANN001
-        metrics: dict[str, Any],
-        job: Job,
-        *,
-        make_current: bool,
-    ) -> str:
-        model = model_with_head(base, head)
-        version = self.store.next_version_name()
-        parent = self.holder.current.version if self.holder.current is not None else None
-        with self.store.staging() as staged:
-            write_model_files(staged, model, space, thresholds)
-            manifest = manifest_for(
-                version=version,
-                backbone=base.manifest.backbone,
-                dropout=base.manifest.dropout,
-                label_space=space,
-                preprocess=base.preprocess,
-                parent_version=parent,
-                training_config={
-                    "kind": job.kind,
-                    "trigger": job.trigger,
-                    "job": job.id,
-                    "project": job.project_id,
-                },
-                metrics={"incremental": metrics},
-            )
-            self.store.publish(staged, manifest, make_current=make_current)
-        return version
+def _tuned(
+    y_true: np.ndarray, probs: np.ndarray, space: LabelSpace, base: ModelBundle
+) -> list[float]:
+    """Thresholds tuned on validation; too few positives to tune keeps the class's old one."""
+    carried = _carried_thresholds(space, base)
+    tuned = tune_thresholds(y_true, probs, min_positives=2)
+    return [
+        old if method == "default" else float(t)
+        for old, t, method in zip(carried, tuned.thresholds, tuned.methods, strict=True)
+    ]
 
 
 def _label_space_for(
