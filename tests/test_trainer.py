@@ -360,3 +360,37 @@ def test_start_training_queues_fast_then_full(setup) -> None:
     jobs = [ledger.job(i) for i in reply["queued"]]
     assert [j.kind for j in jobs] == ["fast", "full"]
     assert all(j.trigger == "start_training" for j in jobs)
+
+
+def test_gate_rejects_a_worse_candidate_but_keeps_it(setup) -> None:
+    model_dir, holder, ledger, make = setup
+    trainer = make(tolerance=0.05)
+    current = holder.current
+    job = ledger.create_job(PROJECT, "fast", "auto")
+    bundle = current.bundle
+    outcome = trainer._finish(
+        job,
+        bundle,
+        bundle.model,
+        bundle.label_space,
+        list(bundle.thresholds),
+        {"candidate_f1": 0.40, "current_f1": 0.50, "n_holdout": 12},
+    )
+    assert outcome["state"] == "rejected"
+    assert holder.current is current  # still serving the same model object
+    store = ModelStore(model_dir)
+    assert store.current_version() == current.version
+    assert outcome["candidate_version"] in store.versions()  # kept for inspection
+    assert (
+        store.manifest(outcome["candidate_version"]).metrics["incremental"]["candidate_f1"] == 0.4
+    )
+    within = trainer._finish(
+        job,
+        bundle,
+        bundle.model,
+        bundle.label_space,
+        list(bundle.thresholds),
+        {"candidate_f1": 0.46, "current_f1": 0.50, "n_holdout": 12},
+    )
+    assert within["state"] == "succeeded"  # worse by less than the tolerance
+    assert holder.current.version == within["promoted_version"]

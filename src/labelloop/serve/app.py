@@ -317,7 +317,7 @@ def create_app(
                         "version": name,
                         "created_at": manifest.created_at,
                         "parent_version": manifest.parent_version,
-                        "metrics": manifest.metrics.get("test", {}),
+                        "metrics": manifest.metrics,
                         "current": name == current,
                     }
                 )
