@@ -134,6 +134,30 @@ def test_annotations_train_a_better_version_that_label_studio_receives(world) ->
     assert new_version != first_version and new_version.startswith("v")
     seconds_to_new_version = time.monotonic() - started
 
+    # Without anyone clicking: the unlabelled tasks get predictions of the new version, and our
+    # ML backend entry (so the project's live model version) is renamed to it.
+    unlabelled = set(world["tasks"]) - set(annotated)
+    wait_until(
+        lambda: unlabelled <= set(predictions_by_task(client, pid, new_version)),
+        timeout_s=60,
+        what="the automatic refresh of unlabelled tasks",
+    )
+    wait_until(
+        lambda: client.get_project(pid).get("model_version") == new_version,
+        timeout_s=30,
+        what="the project's model version to follow the promotion",
+    )
+    ordered = [t for t in client.tasks_by_prediction_score(pid) if t["id"] in unlabelled]
+    scores = [t["predictions_score"] for t in ordered]
+    assert None not in scores, "the Prediction score column is empty for the live version"
+    assert scores == sorted(scores)  # least certain first
+    ours = {
+        p["task"]: p["score"]
+        for p in client.predictions(project_id=pid)
+        if p["model_version"] == new_version
+    }
+    assert [round(s, 4) for s in scores] == [round(ours[t["id"]], 4) for t in ordered]
+
     setup = httpx.post(
         f"{backend.url}/setup", json={"project": f"{pid}.0", "schema": world["config"]}, timeout=5
     ).json()

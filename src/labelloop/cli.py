@@ -365,6 +365,20 @@ def serve(
     tolerance: Annotated[
         float, typer.Option(help="Promote unless held-out macro-F1 drops by more than this.")
     ] = 0.02,
+    refresh: Annotated[
+        bool, typer.Option(help="After a promotion, re-predict and push unlabelled tasks.")
+    ] = True,
+    rename_backend: Annotated[
+        bool,
+        typer.Option(help="After a promotion, rename our ML backend entry to the version."),
+    ] = True,
+    public_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="LABELLOOP_PUBLIC_URL",
+            help="The URL Label Studio reaches this backend at [http://HOST:PORT].",
+        ),
+    ] = None,
 ) -> None:
     """Serve the current model to Label Studio and learn from its annotations.
 
@@ -386,6 +400,9 @@ def serve(
             "batch_size": batch_size,
             "fetch_workers": fetch_workers,
             "cache_dir": cache_dir,
+            "refresh": refresh,
+            "rename_backend": rename_backend,
+            "public_url": public_url,
         }
     )
     app_ = build_app(
@@ -404,6 +421,76 @@ def serve(
         port=settings.port,
         log_level=logging.getLogger().level,
         access_log=False,
+    )
+
+
+@app.command()
+@_user_errors
+def preannotate(
+    project: Annotated[int, typer.Option("--project", help="Label Studio project id.")],
+    model_dir: ModelDirOpt,
+    all_tasks: Annotated[
+        bool,
+        typer.Option(
+            "--all/--missing",
+            help="Predict every task, or only those without a "
+            "prediction of the current version (default; resumes an interrupted run).",
+        ),
+    ] = False,
+    limit: Annotated[int | None, typer.Option(help="Predict at most this many tasks.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Tasks per pushed batch.")] = 256,
+) -> None:
+    """Predict a project's tasks and push the predictions to Label Studio in bulk.
+
+    Needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY; reads local-files images straight from
+    LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT when set.
+    """
+    from tqdm.auto import tqdm
+
+    from .labelstudio.client import LabelStudioClient
+    from .preannotate import preannotate as run_preannotate
+    from .serve.app import FetcherRegistry
+    from .serve.predictor import ModelHolder, Predictor
+    from .serve.settings import settings_from
+
+    settings = settings_from({"model_dir": model_dir})
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        raise ConfigError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to pre-annotate a project")
+    fetchers = FetcherRegistry(settings)
+    predictor = Predictor(
+        ModelHolder.from_path(model_dir),
+        batch_size=settings.batch_size,
+        workers=settings.fetch_workers,
+    )
+    bar = tqdm(total=0, unit="task", desc="pre-annotate")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        with LabelStudioClient(
+            settings.label_studio_url, settings.label_studio_api_key.get_secret_value()
+        ) as client:
+            summary = run_preannotate(
+                client,
+                project,
+                predictor,
+                fetchers.current(),
+                missing_only=not all_tasks,
+                batch_size=batch_size,
+                limit=limit,
+                progress=progress,
+            )
+    finally:
+        bar.close()
+        predictor.close()
+        fetchers.close()
+    failed = ", ".join(f"{reason}: {n}" for reason, n in summary.failed.items()) or "none"
+    rate = summary.predicted / summary.seconds if summary.seconds else 0.0
+    typer.echo(
+        f"{summary.model_version}: {summary.predicted} predicted, {summary.skipped} skipped "
+        f"(already predicted), failed: {failed}; {summary.seconds:.1f} s ({rate:.1f} tasks/s)"
     )
 
 

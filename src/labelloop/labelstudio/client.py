@@ -130,6 +130,16 @@ class LabelStudioClient:
             self._json("GET", f"/api/projects/{project_id}/export", params={"exportType": "JSON"})
         )
 
+    def export_tasks(self, project_id: int) -> list[dict[str, Any]]:
+        """Every task of the project (data and annotations), without triggering predictions."""
+        return list(
+            self._json(
+                "GET",
+                f"/api/projects/{project_id}/export",
+                params={"exportType": "JSON", "download_all_tasks": "true"},
+            )
+        )
+
     def get_project(self, project_id: int) -> dict[str, Any]:
         return self._json("GET", f"/api/projects/{project_id}/")
 
@@ -386,6 +396,17 @@ class LabelStudioClient:
                 break
             page += 1
         return tasks
+
+    def tasks_by_prediction_score(self, project_id: int) -> list[dict[str, Any]]:
+        """The project's tasks as the Data Manager sorts them by *Prediction score*, lowest
+        first (what uncertainty sampling serves first)."""
+        query = json.dumps({"ordering": ["tasks:predictions_score"]})
+        reply = self._json(
+            "GET",
+            "/api/tasks/",
+            params={"project": project_id, "fields": "all", "page_size": 1000, "query": query},
+        )
+        return list(reply.get("tasks", [])) if isinstance(reply, dict) else list(reply)
 
     def get_task(self, task_id: int) -> dict[str, Any]:
         return self._json("GET", f"/api/tasks/{task_id}/")

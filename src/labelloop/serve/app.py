@@ -35,6 +35,7 @@ from ..labelstudio.protocol import (
     project_id_from,
 )
 from ..ledger import Ledger
+from ..preannotate import Refresher
 from ..store import ModelStore, StoreError, load_bundle
 from .events import record_event
 from .predictor import LoadedModel, ModelHolder, Predictor, resolve_config
@@ -360,6 +361,7 @@ def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None 
         )
         holder = ModelHolder(None)
     fetchers = FetcherRegistry(settings)
+    predictor = Predictor(holder, batch_size=settings.batch_size, workers=settings.fetch_workers)
     ledger = Ledger(settings.model_dir / "ledger.sqlite3")
     (settings.model_dir / "cache").mkdir(exist_ok=True)
     trainer = Trainer(
@@ -371,4 +373,16 @@ def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None 
         embeddings=EmbeddingCache(settings.model_dir / "cache" / "embeddings.sqlite3"),
         settings=trainer_settings or TrainerSettings(),
     )
-    return create_app(settings, holder, fetchers=fetchers, ledger=ledger, trainer=trainer)
+    if settings.refresh or settings.rename_backend:
+        refresher = Refresher(
+            predictor,
+            fetchers.client,
+            fetchers.current,
+            ledger.projects,
+            refresh=settings.refresh,
+            rename_backend=settings.backend_url if settings.rename_backend else None,
+        )
+        trainer.on_promote = refresher.on_promote
+    return create_app(
+        settings, holder, predictor=predictor, fetchers=fetchers, ledger=ledger, trainer=trainer
+    )

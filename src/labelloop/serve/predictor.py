@@ -128,11 +128,20 @@ class Predictor:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def predict(
-        self, tasks: Sequence[Task], label_config: str, fetcher: ImageFetcher
+        self,
+        tasks: Sequence[Task],
+        label_config: str,
+        fetcher: ImageFetcher,
+        *,
+        model: LoadedModel | None = None,
     ) -> tuple[list[TaskPrediction | list], PredictStats]:
-        """One item per task, in order: a prediction, or [] when its image failed."""
+        """One item per task, in order: a prediction, or [] when its image failed.
+
+        `model` pins a snapshot across several calls (a long pre-annotation run); by default
+        the model being served now.
+        """
         started = time.perf_counter()
-        model = self.holder.current
+        model = model or self.holder.current
         if model is None:
             raise RuntimeError("no model is loaded")
         config, mapping = resolve_config(label_config, model.classes)

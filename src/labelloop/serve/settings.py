@@ -29,6 +29,12 @@ class ServeSettings(BaseModel):
     fetch_workers: int = Field(8, ge=1, le=64)
     fetch_timeout_s: float = Field(15.0, gt=0)
     log_level: str = "INFO"
+    # After a promotion: re-predict unlabelled tasks and push them, and rename our ML backend
+    # entry to the new version so Label Studio's score column and uncertainty sampling use it.
+    refresh: bool = True
+    rename_backend: bool = True
+    # The URL Label Studio reaches us at (to find our ML backend entry); default http://host:port.
+    public_url: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:
@@ -47,6 +53,10 @@ class ServeSettings(BaseModel):
     def basic_auth_enabled(self) -> bool:
         return bool(self.basic_auth_user)
 
+    @property
+    def backend_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
 
 ENV_NAMES = {
     "model_dir": "MODEL_DIR",
@@ -57,6 +67,7 @@ ENV_NAMES = {
     "document_root": "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT",
     "cache_dir": "LABELLOOP_CACHE_DIR",
     "log_level": "LOG_LEVEL",
+    "public_url": "LABELLOOP_PUBLIC_URL",
 }
 
 

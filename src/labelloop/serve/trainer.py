@@ -46,7 +46,7 @@ from ..labels import LabelSpace
 from ..labelstudio.annotations import record_from_task_annotation
 from ..labelstudio.client import LabelStudioAPIError, LabelStudioClient
 from ..labelstudio.images import ImageFetcher, ImageFetchError
-from ..labelstudio.label_config import parse_label_config
+from ..labelstudio.label_config import ChoicesControl, LabelConfig, parse_label_config
 from ..ledger import Job, Ledger, ReconcileResult, TrainingExample
 from ..model import build_model
 from ..store import (
@@ -300,7 +300,7 @@ class Trainer:
         self.ledger.update_job(job.id, progress=text)
         logger.info("job %d: %s", job.id, text)
 
-    def _inputs(self, job: Job) -> tuple[Any, list[TrainingExample]] | str:
+    def _inputs(self, job: Job) -> tuple[LabelConfig, list[TrainingExample]] | str:
         """The project's parsed label config and training set, or why there is nothing to do."""
         config_xml = self.ledger.label_config(job.project_id)
         if config_xml is None:
@@ -392,7 +392,12 @@ class Trainer:
         transform_train = train_transform(base.preprocess)
         transform_eval = eval_transform(base.preprocess)
 
-        def loader(items, targets, transform, shuffle=False) -> DataLoader:  # noqa: ANN001
+        def loader(
+            items: Sequence[Path | bytes],
+            targets: np.ndarray,
+            transform: Callable,
+            shuffle: bool = False,
+        ) -> DataLoader:
             dataset = ImageDataset(items, targets, transform)
             return DataLoader(
                 dataset, batch_size=s.full_batch_size, shuffle=shuffle, collate_fn=collate_skip_none
@@ -606,7 +611,7 @@ class Trainer:
             f"{n}: {c}/{self.settings.min_labels_per_control}" for n, c in short.items()
         )
 
-    def _cold_start_bundle(self, config) -> ModelBundle:  # noqa: ANN001
+    def _cold_start_bundle(self, config: LabelConfig) -> ModelBundle:
         """A first model from annotations alone: the configured backbone with an empty head."""
         from ..store import Manifest
 
@@ -656,8 +661,8 @@ def _tuned(
 
 def _label_space_for(
     base: LabelSpace,
-    controls: Sequence,
-    examples: Sequence[TrainingExample],  # noqa: ANN001
+    controls: Sequence[ChoicesControl],
+    examples: Sequence[TrainingExample],
 ) -> LabelSpace:
     """The model's classes plus any new choice of the config or label of the annotations.
 
