@@ -1,0 +1,97 @@
+"""`labelloop preannotate` as a real command against a real Label Studio."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from labelloop.store import ModelStore
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def project(label_studio, demo_dataset, trained_model, tmp_path_factory):
+    server, client = label_studio
+    pid = client.create_project("e2e preannotate", demo_dataset.label_config.read_text())["id"]
+    images = sorted(demo_dataset.images_dir.glob("*.png"))
+    # The same 120 images twice: 240 tasks.
+    client.import_files(pid, images)
+    client.import_files(pid, images)
+    model_dir = tmp_path_factory.mktemp("preannotate") / "model"
+    shutil.copytree(trained_model[0], model_dir)
+    return {"id": pid, "model_dir": model_dir, "server": server, "client": client}
+
+
+def run(project, *args: str) -> tuple[int, int]:
+    server = project["server"]
+    env = dict(
+        os.environ,
+        LABEL_STUDIO_URL=server.settings.url,
+        LABEL_STUDIO_API_KEY=server.settings.token,
+        LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=str(server.settings.document_root),
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "labelloop",
+            "preannotate",
+            "--project",
+            str(project["id"]),
+            "--model-dir",
+            str(project["model_dir"]),
+            "--batch-size",
+            "64",
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    match = re.search(r"(\d+) predicted, (\d+) skipped", done.stdout)
+    assert match, done.stdout
+    return int(match.group(1)), int(match.group(2))
+
+
+def test_preannotate_resumes_and_never_duplicates(project) -> None:
+    client, pid = project["client"], project["id"]
+    version = ModelStore(project["model_dir"]).current_version()
+    assert run(project, "--limit", "100") == (100, 0)  # an interrupted run
+    assert run(project) == (140, 100)  # resumes where it stopped
+    assert run(project) == (0, 240)  # nothing left to do
+    predictions = client.predictions(project_id=pid)
+    per_task = Counter(p["task"] for p in predictions if p["model_version"] == version)
+    assert len(per_task) == 240 and set(per_task.values()) == {1}
+    assert all(0.0 <= p["score"] <= 1.0 for p in predictions)
+    assert run(project, "--all") == (240, 0)  # --all predicts everything again
+
+
+def test_preannotate_without_credentials_is_a_clear_error(project) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO_")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "labelloop",
+            "preannotate",
+            "--project",
+            str(project["id"]),
+            "--model-dir",
+            str(project["model_dir"]),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "LABEL_STUDIO_URL" in done.stderr + done.stdout
