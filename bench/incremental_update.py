@@ -13,47 +13,32 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from _common import append_section, machine, publish_random_model
 
-from labelloop.config import PreprocessConfig
 from labelloop.demo import LABEL_GROUPS, generate_demo_dataset
 from labelloop.incremental import EmbeddingCache
-from labelloop.labels import LabelSpace
 from labelloop.labelstudio.annotations import AnnotationRecord
 from labelloop.labelstudio.images import FetchSettings, ImageFetcher
 from labelloop.ledger import Ledger
-from labelloop.model import build_model
 from labelloop.serve.predictor import LoadedModel, ModelHolder
 from labelloop.serve.trainer import Trainer, TrainerSettings
-from labelloop.store import ModelStore, load_bundle, manifest_for, write_model_files
+from labelloop.store import ModelStore, load_bundle
 
 PROJECT = 1
-REPO = Path(__file__).resolve().parents[1]
 
 
 def config_xml() -> str:
     parts = ['<View><Image name="image" value="$image"/>']
     for group, names in LABEL_GROUPS.items():
         choices = "".join(f'<Choice value="{n}"/>' for n in names)
-        parts.append(f'<Choices name="{group}" toName="image" choice="multiple">{choices}</Choices>')
+        parts.append(
+            f'<Choices name="{group}" toName="image" choice="multiple">{choices}</Choices>'
+        )
     return "".join(parts) + "</View>"
-
-
-def publish_start_model(model_dir: Path, image_size: int) -> None:
-    space = LabelSpace.from_mapping({g: list(c) for g, c in LABEL_GROUPS.items()})
-    store = ModelStore(model_dir)
-    torch.manual_seed(0)
-    with store.staging() as staged:
-        write_model_files(staged, build_model("resnet18", len(space)), space, [0.5] * len(space))
-        store.publish(staged, manifest_for(
-            version=store.next_version_name(), backbone="resnet18", dropout=0.0,
-            label_space=space, preprocess=PreprocessConfig(image_size=image_size)))
 
 
 def records(data_dir: Path, n: int) -> list[AnnotationRecord]:
@@ -61,9 +46,15 @@ def records(data_dir: Path, n: int) -> list[AnnotationRecord]:
         rows = list(csv.DictReader(handle))[:n]
     return [
         AnnotationRecord(
-            PROJECT, 10_000 + i, 1 + i, f"/data/local-files/?d=images/{row['image_id']}",
+            PROJECT,
+            10_000 + i,
+            1 + i,
+            f"/data/local-files/?d=images/{row['image_id']}",
             {g: tuple(x for x in row[g].split(";") if x) for g in LABEL_GROUPS},
-            f"2026-11-25T00:00:00.{i:06d}Z", False, False, 1,
+            f"2026-11-25T00:00:00.{i:06d}Z",
+            False,
+            False,
+            1,
         )
         for i, row in enumerate(rows)
     ]
@@ -94,17 +85,23 @@ def main() -> None:
         data = generate_demo_dataset(root / "data", n=max(args.sizes) + 1, size=args.image_px)
         for n in args.sizes:
             model_dir = root / f"model-{n}"
-            publish_start_model(model_dir, args.input_px)
+            publish_random_model(model_dir, args.input_px)
             holder = ModelHolder(LoadedModel.from_bundle(load_bundle(model_dir)))
             ledger = Ledger(model_dir / "ledger.sqlite3")
             ledger.set_label_config(PROJECT, config_xml())
             ledger.upsert(records(data.root, n))
-            fetcher = ImageFetcher(FetchSettings("http://127.0.0.1:1", document_root=data.root), None)
+            fetcher = ImageFetcher(
+                FetchSettings("http://127.0.0.1:1", document_root=data.root), None
+            )
             trainer = Trainer(
-                store=ModelStore(model_dir), ledger=ledger, holder=holder,
-                fetcher=lambda f=fetcher: f, embeddings=EmbeddingCache(model_dir / "emb.sqlite3"),
-                settings=TrainerSettings(poll_seconds=0.01, tolerance=1.0, auto_train_after=10**9,
-                                         quiet_seconds=10**9),
+                store=ModelStore(model_dir),
+                ledger=ledger,
+                holder=holder,
+                fetcher=lambda f=fetcher: f,
+                embeddings=EmbeddingCache(model_dir / "emb.sqlite3"),
+                settings=TrainerSettings(
+                    poll_seconds=0.01, tolerance=1.0, auto_train_after=10**9, quiet_seconds=10**9
+                ),
             )
             trainer.start()
             try:
@@ -121,26 +118,22 @@ def main() -> None:
         record(rows, args)
 
 
-def record(rows, args) -> None:  # noqa: ANN001
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    lines = [
-        f"\n## Annotation → new version served (fast update), {dt.date.today().isoformat()}\n",
-        f"Machine: {os.cpu_count()} cores, {cpu}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads. ResNet18 at {args.input_px} px, demo images "
-        f"{args.image_px} px PNG read from a local-files root. Time from queuing the job to the "
-        "new model being served: fetch, embed (cold: every image; warm: the new one), head "
-        "refit, threshold tuning, held-out comparison, publish, swap.\n",
-        "| labelled images | cold embedding cache | warm embedding cache |",
-        "|---|---|---|",
-        *[f"| {n} | {cold:.2f} s | {warm:.2f} s |" for n, cold, warm in rows],
-        "",
-    ]
-    path = REPO / "docs" / "benchmarks.md"
-    if not path.exists():
-        path.write_text("# Benchmarks\n\nFigures from `bench/`; each section is one dated run.\n")
-    with path.open("a") as handle:
-        handle.write("\n".join(lines))
+def record(rows: list[tuple[int, float, float]], args: argparse.Namespace) -> None:
+    append_section(
+        "\n".join(
+            [
+                f"\n## Annotation → new version served (fast update), {dt.date.today()}\n",
+                f"Machine: {machine()}. ResNet18 at {args.input_px} px, demo images "
+                f"{args.image_px} px PNG read from a local-files root. Time from queuing the "
+                "job to the new model being served: fetch, embed (cold: every image; warm: "
+                "the new one), head refit, threshold tuning, held-out comparison, publish, swap.\n",
+                "| labelled images | cold embedding cache | warm embedding cache |",
+                "|---|---|---|",
+                *[f"| {n} | {cold:.2f} s | {warm:.2f} s |" for n, cold, warm in rows],
+                "",
+            ]
+        )
+    )
 
 
 if __name__ == "__main__":
