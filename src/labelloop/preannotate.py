@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,8 @@ class PreannotateSummary:
     skipped: int = 0
     failed: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+    list_seconds: float = 0.0
+    forward_seconds: float = 0.0
     cancelled: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -42,6 +45,8 @@ class PreannotateSummary:
             "skipped": self.skipped,
             "failed": dict(self.failed),
             "seconds": round(self.seconds, 2),
+            "list_seconds": round(self.list_seconds, 2),
+            "forward_seconds": round(self.forward_seconds, 2),
             "cancelled": self.cancelled,
         }
 
@@ -102,25 +107,33 @@ def preannotate(
     if limit is not None:
         tasks = tasks[:limit]
     summary = PreannotateSummary(model.version, tasks=len(tasks), skipped=skipped)
-    for start in range(0, len(tasks), batch_size):
-        if cancel is not None and cancel.is_set():
-            summary.cancelled = True
-            break
-        chunk = [
-            Task(id=t["id"], data=t.get("data") or {}) for t in tasks[start : start + batch_size]
-        ]
-        results, stats = predictor.predict(chunk, label_config, fetcher, model=model)
-        summary.failed.update(stats.failed)
-        payload = [
-            _import_item(task.id, result)
-            for task, result in zip(chunk, results, strict=True)
-            if isinstance(result, TaskPrediction)
-        ]
-        if payload:
-            client.import_predictions(project_id, payload)
-        summary.predicted += len(payload)
-        if progress is not None:
-            progress(min(start + batch_size, len(tasks)), len(tasks))
+    summary.list_seconds = time.perf_counter() - started
+    # Pushing a batch overlaps predicting the next; one pusher keeps them in order.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="push") as pusher:
+        pushes: list[Future[None]] = []
+        for start in range(0, len(tasks), batch_size):
+            if cancel is not None and cancel.is_set():
+                summary.cancelled = True
+                break
+            chunk = [
+                Task(id=t["id"], data=t.get("data") or {})
+                for t in tasks[start : start + batch_size]
+            ]
+            results, stats = predictor.predict(chunk, label_config, fetcher, model=model)
+            summary.failed.update(stats.failed)
+            summary.forward_seconds += stats.forward_seconds
+            payload = [
+                _import_item(task.id, result)
+                for task, result in zip(chunk, results, strict=True)
+                if isinstance(result, TaskPrediction)
+            ]
+            if payload:
+                pushes.append(pusher.submit(client.import_predictions, project_id, payload))
+            summary.predicted += len(payload)
+            if progress is not None:
+                progress(min(start + batch_size, len(tasks)), len(tasks))
+        for push in pushes:
+            push.result()  # a failed push fails the run: what was pushed before it stays
     summary.seconds = time.perf_counter() - started
     logger.info(
         "Pre-annotated project %d with %s: %d predicted, %d skipped, %d failed in %.1f s%s",
