@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from labelloop.labelstudio.launcher import free_port
 from labelloop.store import ModelStore
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -32,7 +26,7 @@ def test_two_process_torchrun(demo_dataset, tmp_path: Path) -> None:
         "--node-rank=0",
         "--nproc-per-node=2",
         "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}",
+        f"--master-port={free_port()}",
         "-m",
         "labelloop",
         "train",
