@@ -108,7 +108,7 @@ def test_opening_a_task_without_prediction_triggers_one(
 
 
 def test_backend_with_basic_auth(label_studio, project, backend_factory) -> None:
-    _, client = label_studio
+    server, client = label_studio
     secured = backend_factory(basic_auth=("ls-user", "ls-pass"))
     assert httpx.get(f"{secured.url}/health", timeout=5).status_code == 401
     with pytest.raises(LabelStudioAPIError):
@@ -117,6 +117,11 @@ def test_backend_with_basic_auth(label_studio, project, backend_factory) -> None
         project["id"], secured.url, title="with-auth", basic_auth=("ls-user", "ls-pass")
     )
     assert ml["state"] == "CO"
+    # Tokens and passwords never reach the logs, whatever Label Studio sent us.
+    log = secured.log_path.read_text()
+    assert "Serving" in log  # the log is real and not empty
+    for secret in ("ls-pass", server.settings.token, server.settings.password):
+        assert secret not in log
 
 
 def test_demo_project_is_prepared_once(label_studio, demo_dataset, backend) -> None:
