@@ -645,3 +645,33 @@ def test_cache_leaves_foreign_and_fresh_temp_files(tmp_path: Path, make_fetcher:
     make_fetcher(cache_dir=tmp_path).fetch_bytes("/files/t")
     assert not stale.exists()
     assert fresh.exists()
+
+
+# --------------------------------------------------------------------------- destinations
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/iam/",  # AWS/GCP/Azure metadata (link-local)
+        "http://[fe80::1]/x.png",
+        "http://100.100.100.200/latest/meta-data/",  # Alibaba Cloud metadata
+        "http://0.0.0.0:80/x.png",
+    ],
+)
+def test_metadata_and_link_local_hosts_are_refused(make_fetcher: Any, url: str) -> None:
+    with pytest.raises(ImageFetchError, match="link-local or metadata"):
+        make_fetcher().fetch_bytes(url)
+
+
+def test_allow_list_limits_other_hosts_but_not_label_studio(make_fetcher: Any, server: str) -> None:
+    fetcher = make_fetcher(allowed_hosts=("images.example.org",))
+    with pytest.raises(ImageFetchError, match="not among the allowed image hosts"):
+        fetcher.fetch_bytes(f"{other(server)}/files/x")
+    assert fetcher.fetch_bytes(f"{server}/files/x?size=10") == blob("x", 10)
+    # A redirect from Label Studio to a host outside the list is refused at that hop.
+    with pytest.raises(ImageFetchError, match="not among the allowed"):
+        fetcher.fetch_bytes(f"{server}/to-other-host")
+    assert make_fetcher(allowed_hosts=("localhost",)).fetch_bytes(
+        f"{other(server)}/files/y?size=10"
+    ) == blob("y", 10)

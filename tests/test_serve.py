@@ -228,3 +228,12 @@ def test_settings_need_both_basic_auth_values(trained_model) -> None:
 
     with pytest.raises(ConfigError, match="BASIC_AUTH"):
         settings_from({"model_dir": trained_model[0]}, {"BASIC_AUTH_USER": "only-user"})
+
+
+def test_allowed_image_hosts_from_the_environment(trained_model) -> None:
+    settings = settings_from(
+        {"model_dir": trained_model[0]},
+        {"LABELLOOP_ALLOWED_IMAGE_HOSTS": " images.example.org, cdn.example.com ,"},
+    )
+    assert settings.allowed_image_hosts == ("images.example.org", "cdn.example.com")
+    assert settings_from({"model_dir": trained_model[0]}, {}).allowed_image_hosts is None

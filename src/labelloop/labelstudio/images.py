@@ -19,8 +19,10 @@ import base64
 import contextlib
 import hashlib
 import io
+import ipaddress
 import logging
 import os
+import socket
 import stat
 import tempfile
 import threading
@@ -79,6 +81,40 @@ class FetchSettings:
     max_image_bytes: int = 50 * _MIB
     timeout_s: float = 15.0
     max_redirects: int = 5
+    # Hosts other than Label Studio's that images may come from ("example.com" also admits
+    # its subdomains); None admits any host that is not link-local or a cloud metadata address.
+    allowed_hosts: tuple[str, ...] | None = None
+
+
+# Cloud metadata endpoints that are not link-local; link-local (169.254/16, fe80::/10, which
+# holds AWS/GCP/Azure's 169.254.169.254) is refused as a whole.
+_METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a) for a in ("100.100.100.200", "fd00:ec2::254", "192.0.0.192")
+)
+
+
+def refused_destination(url: str, settings: FetchSettings) -> str | None:
+    """Why a request to `url` (not Label Studio itself) must not be made, or None.
+
+    Image URLs come from task data anyone with import rights controls, so without this the
+    backend could be pointed at the cloud metadata service or at hosts the operator never meant
+    to expose. Redirects are checked hop by hop, so a public URL cannot bounce inwards either.
+    """
+    host = urlsplit(url).hostname or ""
+    allowed = settings.allowed_hosts
+    if allowed is not None and not any(
+        host == a or host.endswith("." + a.lstrip(".")) for a in allowed
+    ):
+        return f"host {host!r} is not among the allowed image hosts"
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"cannot resolve host {host!r} ({exc})"
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        if address.is_link_local or address in _METADATA_ADDRESSES or address.is_unspecified:
+            return f"host {host!r} resolves to {address}, a link-local or metadata address"
+    return None
 
 
 @dataclass(frozen=True)
@@ -478,6 +514,10 @@ class ImageFetcher:
         return response
 
     def _send(self, url: str, send_auth: bool, deadline: float) -> httpx.Response:
+        if not self._is_label_studio(url):
+            refused = refused_destination(url, self._settings)
+            if refused is not None:
+                raise ImageFetchError(f"refusing to fetch {_display(url)}: {refused}")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise self._timed_out(url)

@@ -138,6 +138,7 @@ class FetcherRegistry:
                         cache_dir=s.cache_dir,
                         cache_max_bytes=s.cache_max_mb * 1024 * 1024,
                         timeout_s=s.fetch_timeout_s,
+                        allowed_hosts=s.allowed_image_hosts,
                     ),
                     auth,
                 )

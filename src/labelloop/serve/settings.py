@@ -35,6 +35,9 @@ class ServeSettings(BaseModel):
     rename_backend: bool = True
     # The URL Label Studio reaches us at (to find our ML backend entry); default http://host:port.
     public_url: str | None = None
+    # Image hosts besides Label Studio's (comma-separated in the env); unset: any host that is
+    # not link-local or a cloud metadata address.
+    allowed_image_hosts: tuple[str, ...] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:
@@ -68,6 +71,7 @@ ENV_NAMES = {
     "cache_dir": "LABELLOOP_CACHE_DIR",
     "log_level": "LOG_LEVEL",
     "public_url": "LABELLOOP_PUBLIC_URL",
+    "allowed_image_hosts": "LABELLOOP_ALLOWED_IMAGE_HOSTS",
 }
 
 
@@ -81,6 +85,9 @@ def settings_from(
         if environ.get(env):
             raw[field] = environ[env]
     raw.update({k: v for k, v in flags.items() if v is not None})
+    if isinstance(raw.get("allowed_image_hosts"), str):
+        hosts = str(raw["allowed_image_hosts"]).split(",")
+        raw["allowed_image_hosts"] = tuple(h.strip() for h in hosts if h.strip())
     if raw.get("label_studio_url"):
         raw["label_studio_url"] = str(raw["label_studio_url"]).rstrip("/")
     try:
