@@ -111,6 +111,12 @@ class BackendProcess:
         self.stop()
         raise RuntimeError(f"backend did not become ready: {self.log_path.read_text()[-3000:]}")
 
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handlers, exactly like a crash or the OOM killer."""
+        self.process.kill()
+        self.process.wait(timeout=10)
+        self._log.close()
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
