@@ -17,6 +17,17 @@ import uvicorn
 from labelloop.labelstudio.launcher import free_port
 
 
+def wait_until(predicate, *, timeout_s: float, what: str, interval_s: float = 0.2):
+    """Poll `predicate` until it returns something truthy (returned), or fail after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
 @contextmanager
 def serve_in_thread(
     app, *, port: int | None = None, start_timeout_s: float = 20.0

@@ -4,12 +4,11 @@ last good model serves after restart, and the interrupted job is failed and queu
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from servers import BackendProcess
+from servers import BackendProcess, wait_until
 
 from labelloop.ledger import Ledger
 from labelloop.store import ModelStore, verify_version_dir
@@ -66,16 +65,6 @@ def webhook_for(demo_dataset, n: int, config: str) -> dict:
 
 def jobs(backend: BackendProcess) -> list[dict]:
     return backend.get("/metrics")["training"]["jobs"]
-
-
-def wait_until(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_kill_9_during_training_loses_nothing(trained_model, demo_dataset, tmp_path: Path) -> None:

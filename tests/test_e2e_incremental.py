@@ -10,6 +10,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from servers import wait_until
 from sklearn.metrics import f1_score
 
 from labelloop.labelstudio.label_config import parse_label_config
@@ -19,16 +20,6 @@ pytestmark = pytest.mark.e2e
 
 N_TASKS = 100
 N_ANNOTATED = 80
-
-
-def wait_until(predicate, *, timeout_s: float, what: str, interval_s: float = 0.3):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def truth(demo_dataset) -> dict[str, dict[str, list[str]]]:

@@ -4,25 +4,15 @@ process, both on 127.0.0.1."""
 from __future__ import annotations
 
 import shutil
-import time
 
 import httpx
 import pytest
+from servers import wait_until
 
 from labelloop.labelstudio.client import LabelStudioAPIError
 from labelloop.labelstudio.label_config import parse_label_config
 
 pytestmark = pytest.mark.e2e
-
-
-def _wait_for(predicate, *, timeout_s: float, what: str, interval_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +55,7 @@ def test_retrieve_predictions_stores_valid_predictions(
     _, client = label_studio
     pid = project["id"]
     client.retrieve_predictions(pid)
-    predictions = _wait_for(
+    predictions = wait_until(
         lambda: (
             client.predictions(project_id=pid)
             if len(client.predictions(project_id=pid)) >= 10
@@ -100,7 +90,7 @@ def test_opening_a_task_without_prediction_triggers_one(
     [task_id] = client.import_files(pid, [image])
     assert client.predictions(task_id=task_id) == []
     client.get_task(task_id)
-    _wait_for(
+    wait_until(
         lambda: client.predictions(task_id=task_id),
         timeout_s=30,
         what="a prediction after opening the task",
