@@ -5,16 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 from labelloop.labelstudio.launcher import free_port
+from labelloop.serve.threaded import serve_in_thread
+
+__all__ = ["BackendProcess", "free_port", "serve_in_thread", "wait_until"]
 
 
 def wait_until(predicate, *, timeout_s: float, what: str, interval_s: float = 0.2):
@@ -26,29 +25,6 @@ def wait_until(predicate, *, timeout_s: float, what: str, interval_s: float = 0.
             return value
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-@contextmanager
-def serve_in_thread(
-    app, *, port: int | None = None, start_timeout_s: float = 20.0
-) -> Iterator[str]:
-    """Run an ASGI app on 127.0.0.1 until the block exits; yields its base URL."""
-    port = port or free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + start_timeout_s
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError(f"test server on port {port} did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 class BackendProcess:

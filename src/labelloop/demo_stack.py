@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import uvicorn
 
 from .config import TrainConfig
 from .demo import LABEL_GROUPS, generate_demo_dataset
@@ -21,6 +18,7 @@ from .labelstudio.launcher import LabelStudioServer, LabelStudioSettings, ensure
 from .pipeline import DataSource, TrainOptions, TrainOutcome, run_training
 from .serve.app import build_app
 from .serve.settings import settings_from
+from .serve.threaded import serve_in_thread
 from .store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -135,22 +133,8 @@ def backend_in_thread(model_dir: Path, ls: LabelStudioSettings, *, port: int) ->
             "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(ls.document_root),
         },
     )
-    app = build_app(settings)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-    )
-    thread = threading.Thread(target=server.run, name="backend", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"the backend could not start on 127.0.0.1:{port} (port in use?)")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+    with serve_in_thread(build_app(settings), port=port, start_timeout_s=60) as url:
+        yield url
 
 
 def run_stack(

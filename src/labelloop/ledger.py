@@ -52,6 +52,8 @@ SCHEMA_VERSION = 1
 # "skipped": the trainer had nothing to train on yet (no label config, cold start).
 JOB_STATES = frozenset({"queued", "running", "succeeded", "rejected", "skipped", "failed"})
 _INTERRUPTED = "interrupted (backend restarted)"
+# Columns `_project_value` may read: the name goes into SQL, so only these.
+_PROJECT_COLUMNS = frozenset({"label_config", "change_seq", "last_change_at"})
 # Fields update_job accepts, with the types each may hold besides None.
 _JOB_FIELDS: dict[str, tuple[type, ...]] = {
     "state": (str,),
@@ -317,21 +319,23 @@ class Ledger:
         with self._read() as conn:
             return _training_set(conn, project_id)
 
-    def change_seq(self, project_id: int) -> int:
-        """Grows by one per new, changed or deleted annotation; 0 for an unknown project."""
+    def _project_value(self, project_id: int, column: str) -> Any:
+        """One column of the project's row; None for an unknown project."""
+        if column not in _PROJECT_COLUMNS:
+            raise ValueError(f"unknown project column {column!r}")
         with self._read() as conn:
             row = conn.execute(
-                "SELECT change_seq FROM projects WHERE project_id = ?", (project_id,)
+                f"SELECT {column} FROM projects WHERE project_id = ?", (project_id,)
             ).fetchone()
-        return 0 if row is None else int(row["change_seq"])
+        return None if row is None else row[column]
+
+    def change_seq(self, project_id: int) -> int:
+        """Grows by one per new, changed or deleted annotation; 0 for an unknown project."""
+        return int(self._project_value(project_id, "change_seq") or 0)
 
     def last_change_at(self, project_id: int) -> float | None:
         """Unix time of the project's latest annotation change; None before the first."""
-        with self._read() as conn:
-            row = conn.execute(
-                "SELECT last_change_at FROM projects WHERE project_id = ?", (project_id,)
-            ).fetchone()
-        return None if row is None else row["last_change_at"]
+        return self._project_value(project_id, "last_change_at")
 
     def projects(self) -> list[int]:
         """Every project with annotations, a label config or jobs, by id."""
@@ -358,11 +362,7 @@ class Ledger:
         return bool(changed)
 
     def label_config(self, project_id: int) -> str | None:
-        with self._read() as conn:
-            row = conn.execute(
-                "SELECT label_config FROM projects WHERE project_id = ?", (project_id,)
-            ).fetchone()
-        return None if row is None else row["label_config"]
+        return self._project_value(project_id, "label_config")
 
     def stats(self, project_id: int | None = None) -> dict[str, int]:
         """Annotation counts (of one project, or of all): all rows, live, live cancelled,

@@ -329,7 +329,8 @@ class Trainer:
         features, failed = embed_images(
             base, [(str(e.task_id), data) for e, data in fetched], self.embeddings
         )
-        kept = [e for e, _ in fetched if str(e.task_id) not in set(failed)]
+        failed_keys = set(failed)
+        kept = [e for e, _ in fetched if str(e.task_id) not in failed_keys]
         targets = _targets(space, kept, controls)
         splits = np.array([split_of(e.task_id, self.settings) for e in kept])
         train = splits == "train"
