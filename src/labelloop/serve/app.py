@@ -36,9 +36,9 @@ from ..labelstudio.protocol import (
 )
 from ..ledger import Ledger
 from ..preannotate import Refresher
-from ..store import ModelStore, StoreError, load_bundle
+from ..store import ModelStore, StoreError
 from .events import record_event
-from .predictor import LoadedModel, ModelHolder, Predictor, resolve_config
+from .predictor import ModelHolder, Predictor, resolve_config
 from .settings import ServeSettings
 from .trainer import Trainer, TrainerSettings
 
@@ -355,12 +355,12 @@ def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None 
             update={"cache_dir": settings.model_dir / "cache" / "images"}
         )
     try:
-        holder = ModelHolder(LoadedModel.from_bundle(load_bundle(settings.model_dir)))
+        holder = ModelHolder.from_path(settings.model_dir, runtime=settings.runtime)
     except StoreError as exc:
         logger.warning(
             "Starting without a model (predictions stay empty until one is trained): %s", exc
         )
-        holder = ModelHolder(None)
+        holder = ModelHolder(None, runtime=settings.runtime)
     fetchers = FetcherRegistry(settings)
     predictor = Predictor(holder, batch_size=settings.batch_size, workers=settings.fetch_workers)
     ledger = Ledger(settings.model_dir / "ledger.sqlite3")

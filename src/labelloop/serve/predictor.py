@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..inference import Runner, build_runner
 from ..labelstudio.images import ImageFetcher, ImageFetchError
 from ..labelstudio.label_config import ControlMapping, LabelConfig, map_controls, parse_label_config
 from ..labelstudio.protocol import Task, TaskPrediction
@@ -41,6 +42,7 @@ class LoadedModel:
     bundle: ModelBundle
     transform: Callable[[Image.Image], torch.Tensor]
     thresholds: np.ndarray
+    runner: Runner
 
     @property
     def version(self) -> str:
@@ -51,25 +53,37 @@ class LoadedModel:
         return self.bundle.classes
 
     @classmethod
-    def from_bundle(cls, bundle: ModelBundle) -> LoadedModel:
-        bundle.model.eval()
+    def from_bundle(cls, bundle: ModelBundle, *, runtime: str = "auto") -> LoadedModel:
+        runner = build_runner(
+            bundle.model, image_size=bundle.preprocess.image_size, runtime=runtime
+        )
+        logger.info("%s runs on %s", bundle.version, runner.name)
         return cls(
             bundle,
             eval_transform(bundle.preprocess),
             np.asarray(bundle.thresholds, dtype=np.float32),
+            runner,
         )
 
 
 class ModelHolder:
-    """The model in use. Readers take `current` once; `swap` replaces it between requests."""
+    """The model in use. Readers take `current` once; `swap` replaces it between requests.
 
-    def __init__(self, model: LoadedModel | None) -> None:
+    `runtime` is how every version it loads runs its forward passes (labelloop.inference).
+    """
+
+    def __init__(self, model: LoadedModel | None, *, runtime: str = "auto") -> None:
         self._current = model
         self._lock = threading.Lock()
+        self.runtime = runtime
 
     @classmethod
-    def from_path(cls, path: Path) -> ModelHolder:
-        return cls(LoadedModel.from_bundle(load_bundle(path)))
+    def from_path(cls, path: Path, *, runtime: str = "auto") -> ModelHolder:
+        return cls(LoadedModel.from_bundle(load_bundle(path), runtime=runtime), runtime=runtime)
+
+    def load(self, bundle: ModelBundle) -> LoadedModel:
+        """`bundle` ready to serve with this holder's runtime (not yet swapped in)."""
+        return LoadedModel.from_bundle(bundle, runtime=self.runtime)
 
     @property
     def current(self) -> LoadedModel | None:
@@ -207,8 +221,8 @@ class Predictor:
         return results, stats
 
     def _forward(self, model: LoadedModel, batch: torch.Tensor) -> np.ndarray:
-        with self._forward_lock, torch.inference_mode():
-            return torch.sigmoid(model.bundle.model(batch)).float().numpy()
+        with self._forward_lock:
+            return model.runner(batch)
 
     def _prepared(
         self, tasks: Sequence[Task], image_key: str, model: LoadedModel, fetcher: ImageFetcher

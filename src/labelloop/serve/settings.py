@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
@@ -38,6 +39,9 @@ class ServeSettings(BaseModel):
     # Image hosts besides Label Studio's (comma-separated in the env); unset: any host that is
     # not link-local or a cloud metadata address.
     allowed_image_hosts: tuple[str, ...] | None = None
+    # Where forward passes run (labelloop.inference): auto = CUDA if present, else ONNX Runtime
+    # when it reproduces PyTorch's outputs, else PyTorch.
+    runtime: Literal["auto", "onnxruntime", "torch"] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:
@@ -72,6 +76,7 @@ ENV_NAMES = {
     "log_level": "LOG_LEVEL",
     "public_url": "LABELLOOP_PUBLIC_URL",
     "allowed_image_hosts": "LABELLOOP_ALLOWED_IMAGE_HOSTS",
+    "runtime": "LABELLOOP_RUNTIME",
 }
 
 

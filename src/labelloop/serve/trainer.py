@@ -60,7 +60,7 @@ from ..store import (
 from ..thresholds import tune_thresholds
 from ..train import fit, predict, resolve_device
 from ..transforms import eval_transform, train_transform
-from .predictor import LoadedModel, ModelHolder
+from .predictor import ModelHolder
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class Trainer:
                 served,
             )
             return
-        self.holder.swap(LoadedModel.from_bundle(bundle))
+        self.holder.swap(self.holder.load(bundle))
 
     def _last_trained_seq(self, project_id: int) -> int:
         for job in self.ledger.jobs(project_id=project_id, limit=50):
@@ -594,7 +594,7 @@ class Trainer:
             logger.warning("Candidate %s rejected: %s", version, metrics)
             result.update(state="rejected", progress="rejected: worse on held-out tasks")
             return result
-        self.holder.swap(LoadedModel.from_bundle(load_bundle(self.store.version_dir(version))))
+        self.holder.swap(self.holder.load(load_bundle(self.store.version_dir(version))))
         if self.on_promote is not None:
             self.on_promote(version)
         result.update(state="succeeded", promoted_version=version, progress="promoted")

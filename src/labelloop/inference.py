@@ -1,0 +1,149 @@
+"""Where serving's forward passes run.
+
+On a CPU, ONNX Runtime runs our backbones markedly faster than eager PyTorch (ResNet18 about
+1.3x, MobileNetV2 about 2-3x on the 2-core reference machine; docs/benchmarks.md), so `auto`
+exports the model to ONNX when a version is loaded and uses it, provided its outputs agree with
+PyTorch's on a probe batch. With a GPU, `auto` keeps PyTorch on CUDA with fp16 autocast. Any
+failure to export or to agree falls back to eager PyTorch with a logged reason: a slower model
+is better than none.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import warnings
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+Runtime = Literal["auto", "onnxruntime", "torch"]
+RUNTIMES: tuple[str, ...] = ("auto", "onnxruntime", "torch")
+
+# Largest probability difference from PyTorch that still counts as the same model: float32
+# kernels of both runtimes differ by ~1e-6 in logits on ResNet18; 1e-4 leaves margin for deeper
+# backbones while catching any real export error.
+AGREEMENT_TOLERANCE = 1e-4
+
+# The legacy (TorchScript) exporter keeps module-level state; one export at a time.
+_export_lock = threading.Lock()
+
+
+class RuntimeUnavailable(RuntimeError):
+    """The runtime that was asked for explicitly cannot run this model."""
+
+
+class Runner(Protocol):
+    """Batch of normalised images (N, 3, H, W) float32 -> sigmoid probabilities (N, C)."""
+
+    name: str
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray: ...
+
+
+class TorchRunner:
+    def __init__(self, model: nn.Module, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cpu")
+        self.model = model.eval().to(self.device)
+        self.name = "torch-cuda" if self.device.type == "cuda" else "torch"
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            if self.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.float16):
+                    logits = self.model(batch.to(self.device, non_blocking=True))
+            else:
+                logits = self.model(batch)
+            return torch.sigmoid(logits.float()).cpu().numpy()
+
+
+class OnnxRunner:
+    name = "onnxruntime"
+
+    def __init__(self, model: nn.Module, image_size: int, *, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        # Inter-op parallelism only helps branchy graphs; ours are chains, and extra threads
+        # would fight the download workers for the cores.
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(
+            export_onnx(model, image_size), options, providers=["CPUExecutionProvider"]
+        )
+        self._input = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        logits = self.session.run(None, {self._input: batch.contiguous().numpy()})[0]
+        return torch.sigmoid(torch.from_numpy(logits)).numpy()
+
+
+def export_onnx(model: nn.Module, image_size: int) -> bytes:
+    """The model as ONNX bytes with a dynamic batch axis (eval mode, float32, CPU)."""
+    model = model.eval()
+    example = torch.zeros(1, 3, image_size, image_size)
+    buffer = io.BytesIO()
+    with _export_lock, warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript exporter is deprecated in favour of torch.export, which needs
+        # onnxscript and is slower; the legacy one handles every torchvision backbone we offer.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            buffer,
+            dynamo=False,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    return buffer.getvalue()
+
+
+def build_runner(model: nn.Module, *, image_size: int, runtime: str = "auto") -> Runner:
+    """The fastest runtime that reproduces `model`'s outputs; see the module docstring.
+
+    runtime: "auto" (CUDA if present, else ONNX Runtime if it agrees, else PyTorch), "torch",
+    or "onnxruntime" (raises RuntimeUnavailable instead of falling back).
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
+    model.eval()
+    if runtime == "torch":
+        return TorchRunner(model)
+    if runtime == "auto" and torch.cuda.is_available():
+        return TorchRunner(model, torch.device("cuda"))
+    try:
+        runner = OnnxRunner(model.cpu(), image_size)
+        difference = _max_difference(runner, model, image_size)
+    except Exception as exc:  # noqa: BLE001 - export and session errors come in many types
+        # Exporter messages can carry the whole graph; the first line names the problem.
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        reason = f"{type(exc).__name__}: {first_line}"
+        if runtime == "onnxruntime":
+            raise RuntimeUnavailable(f"ONNX Runtime cannot run this model ({reason})") from exc
+        logger.warning("ONNX Runtime unavailable (%s); serving with eager PyTorch", reason)
+        return TorchRunner(model)
+    if difference > AGREEMENT_TOLERANCE:
+        message = (
+            f"ONNX Runtime's outputs differ from PyTorch's by {difference:.2e} "
+            f"(tolerance {AGREEMENT_TOLERANCE:.0e})"
+        )
+        if runtime == "onnxruntime":
+            raise RuntimeUnavailable(message)
+        logger.warning("%s; serving with eager PyTorch", message)
+        return TorchRunner(model)
+    logger.debug("ONNX Runtime agrees with PyTorch to %.1e", difference)
+    return runner
+
+
+def _max_difference(runner: Runner, model: nn.Module, image_size: int) -> float:
+    probe = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = torch.sigmoid(model(probe)).numpy()
+    return float(np.abs(runner(probe) - expected).max())

@@ -1,0 +1,115 @@
+"""Forward-pass runtimes: ONNX Runtime must reproduce PyTorch, or step aside."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from labelloop.inference import (
+    AGREEMENT_TOLERANCE,
+    RuntimeUnavailable,
+    build_runner,
+    export_onnx,
+)
+from labelloop.model import build_model
+from labelloop.serve.predictor import LoadedModel
+from labelloop.store import load_bundle
+
+
+def _torch_probs(model: nn.Module, batch: torch.Tensor) -> np.ndarray:
+    with torch.inference_mode():
+        return torch.sigmoid(model.eval()(batch)).numpy()
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
+def test_onnx_runtime_reproduces_pytorch(backbone: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(backbone, 5, dropout=0.2)
+    runner = build_runner(model, image_size=64)
+    assert runner.name == "onnxruntime"
+    # A batch size other than the export's: the batch axis must be dynamic.
+    batch = torch.randn(7, 3, 64, 64)
+    probs = runner(batch)
+    assert probs.shape == (7, 5) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs, _torch_probs(model, batch), atol=AGREEMENT_TOLERANCE)
+
+
+def test_torch_runtime_when_asked() -> None:
+    model = build_model("resnet18", 3)
+    runner = build_runner(model, image_size=32, runtime="torch")
+    assert runner.name == "torch"
+    batch = torch.randn(2, 3, 32, 32)
+    np.testing.assert_array_equal(runner(batch), _torch_probs(model, batch))
+
+
+def test_unknown_runtime_is_rejected() -> None:
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        build_runner(build_model("resnet18", 2), image_size=32, runtime="tensorrt")
+
+
+class _Unexportable(nn.Module):
+    """Uses an FFT, which the ONNX exporter has no translation for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.rfft(self.head(x.mean(dim=(2, 3)))).abs()
+
+
+class _TraceDivergent(nn.Module):
+    """Branches on data: tracing freezes the branch the zero example took, so ONNX disagrees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(x.mean(dim=(2, 3)))
+        if bool(x.abs().sum() > 0):
+            return logits + 5.0
+        return logits
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [(_Unexportable(), "unavailable"), (_TraceDivergent(), "differ from PyTorch")],
+)
+def test_auto_falls_back_to_pytorch_with_a_reason(
+    model: nn.Module, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="labelloop.inference"):
+        runner = build_runner(model, image_size=8)
+    assert runner.name == "torch"
+    assert reason in caplog.text
+    batch = torch.randn(2, 3, 8, 8)
+    np.testing.assert_array_equal(runner(batch), _torch_probs(model, batch))
+
+
+@pytest.mark.parametrize("model", [_Unexportable(), _TraceDivergent()])
+def test_explicit_onnxruntime_refuses_instead_of_falling_back(model: nn.Module) -> None:
+    with pytest.raises(RuntimeUnavailable, match="ONNX Runtime"):
+        build_runner(model, image_size=8, runtime="onnxruntime")
+
+
+def test_export_has_a_dynamic_batch_axis() -> None:
+    import onnx
+
+    proto = onnx.load_from_string(export_onnx(build_model("resnet18", 4), 32))
+    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param == "batch"
+
+
+def test_served_model_gives_the_same_probabilities_on_either_runtime(trained_model) -> None:
+    bundle = load_bundle(trained_model[0])
+    size = bundle.preprocess.image_size
+    batch = torch.randn(4, 3, size, size)
+    fast = LoadedModel.from_bundle(bundle, runtime="auto")
+    eager = LoadedModel.from_bundle(bundle, runtime="torch")
+    assert fast.runner.name == "onnxruntime"
+    np.testing.assert_allclose(fast.runner(batch), eager.runner(batch), atol=AGREEMENT_TOLERANCE)
