@@ -630,6 +630,32 @@ def test_exif_rotated_jpeg_comes_back_upright() -> None:
     assert bottom[2] > 200 and bottom[0] < 60
 
 
+def _photo(width: int, height: int) -> Image.Image:
+    rng = np.random.default_rng(1)
+    coarse = rng.integers(0, 255, (height // 32, width // 32, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((width, height), Image.BILINEAR)
+
+
+def test_jpeg_is_decoded_at_a_reduced_scale_no_smaller_than_asked() -> None:
+    data = _encode(_photo(1024, 768), "JPEG", quality=90)
+    full = decode_image(data)
+    reduced = decode_image(data, min_side=256)
+    # 1/2 would be 512x384 and 1/4 is 256x192 (too small): DCT scaling stops at 1/2.
+    assert reduced.size == (512, 384) and reduced.mode == "RGB"
+    # The same picture: the reduced decode matches a downscaled full decode closely.
+    expected = np.asarray(full.resize(reduced.size, Image.BOX), dtype=np.int16)
+    assert np.abs(np.asarray(reduced, dtype=np.int16) - expected).mean() < 4
+
+
+def test_reduced_decode_keeps_exif_orientation_and_leaves_png_alone() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    jpeg = _encode(_photo(800, 400), "JPEG", exif=exif.tobytes())
+    assert decode_image(jpeg, min_side=100).size == (100, 200)  # 1/4 scale, then upright
+    png = _encode(_photo(800, 400), "PNG")
+    assert decode_image(png, min_side=100).size == (800, 400)
+
+
 def test_first_frame_of_an_animated_gif() -> None:
     frames = [Image.new("P", (6, 6), i) for i in range(3)]
     data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:])

@@ -251,8 +251,14 @@ def resolve_url(url: str, settings: FetchSettings, *, task_id: int | None = None
 # --------------------------------------------------------------------------- decoding
 
 
-def decode_image(data: bytes, *, max_pixels: int = Image.MAX_IMAGE_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes, *, max_pixels: int = Image.MAX_IMAGE_PIXELS, min_side: int | None = None
+) -> Image.Image:
     """Decode image bytes to RGB, applying the EXIF orientation (phones rotate via EXIF).
+
+    ``min_side``: the caller will shrink the image until its shorter side is this long, so a
+    JPEG may be decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, several times faster) as long as
+    both sides stay at least ``min_side``.
 
     Raises ImageFetchError for empty, corrupt, truncated or non-image data, and for images
     with more than ``max_pixels`` pixels. Pillow's own limit (twice Image.MAX_IMAGE_PIXELS)
@@ -268,6 +274,8 @@ def decode_image(data: bytes, *, max_pixels: int = Image.MAX_IMAGE_PIXELS) -> Im
                     f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels "
                     "(possible decompression bomb)"
                 )
+            if min_side is not None and image.format == "JPEG":
+                image.draft("RGB", (min_side, min_side))
             image.load()
             return to_rgb(ImageOps.exif_transpose(image))
     except ImageFetchError:
@@ -440,9 +448,12 @@ class ImageFetcher:
         if self._owns_client:
             self._client.close()
 
-    def fetch_image(self, url: str, *, task_id: int | None = None) -> Image.Image:
-        """The image at ``url`` as RGB with its EXIF orientation applied."""
-        return decode_image(self.fetch_bytes(url, task_id=task_id))
+    def fetch_image(
+        self, url: str, *, task_id: int | None = None, min_side: int | None = None
+    ) -> Image.Image:
+        """The image at ``url`` as RGB with its EXIF orientation applied (``min_side``: see
+        decode_image)."""
+        return decode_image(self.fetch_bytes(url, task_id=task_id), min_side=min_side)
 
     def fetch_bytes(self, url: str, *, task_id: int | None = None) -> bytes:
         """The raw bytes at ``url`` (``task_id`` is needed for cloud storage URIs)."""

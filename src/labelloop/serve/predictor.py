@@ -28,7 +28,7 @@ from ..labelstudio.label_config import ControlMapping, LabelConfig, map_controls
 from ..labelstudio.protocol import Task, TaskPrediction
 from ..labelstudio.results import ResultValidationError, build_predictions, validate_prediction
 from ..store import ModelBundle, load_bundle
-from ..transforms import eval_transform
+from ..transforms import eval_transform, resize_size
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,11 @@ class LoadedModel:
     @property
     def classes(self) -> list[str]:
         return self.bundle.classes
+
+    @property
+    def decode_side(self) -> int:
+        """The shorter side the eval transform resizes to: decoding finer than that is waste."""
+        return resize_size(self.bundle.preprocess)
 
     @classmethod
     def from_bundle(cls, bundle: ModelBundle, *, runtime: str = "auto") -> LoadedModel:
@@ -244,7 +249,7 @@ def _prepare(
     if not isinstance(url, str) or not url:
         return position, None, f"task data has no {image_key!r} image URL"
     try:
-        image = fetcher.fetch_image(url, task_id=task.id)
+        image = fetcher.fetch_image(url, task_id=task.id, min_side=model.decode_side)
         return position, model.transform(image), None
     except ImageFetchError as exc:
         return position, None, exc.reason
