@@ -237,3 +237,23 @@ def test_allowed_image_hosts_from_the_environment(trained_model) -> None:
     )
     assert settings.allowed_image_hosts == ("images.example.org", "cdn.example.com")
     assert settings_from({"model_dir": trained_model[0]}, {}).allowed_image_hosts is None
+
+
+def test_runtime_from_the_environment_and_its_errors(trained_model, tmp_path) -> None:
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from labelloop.config import ConfigError
+    from labelloop.serve.app import build_app
+
+    settings = settings_from({"model_dir": trained_model[0]}, {"LABELLOOP_RUNTIME": "torch"})
+    assert settings.runtime == "torch"
+    with pytest.raises(ConfigError, match="LABELLOOP_RUNTIME"):
+        settings_from({"model_dir": trained_model[0]}, {"LABELLOOP_RUNTIME": "tensorrt"})
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_model[0], model_dir)
+    app = build_app(settings.model_copy(update={"model_dir": model_dir}))
+    with TestClient(app) as client:
+        assert client.get("/health").json()["model_loaded"]
+        assert app.state.holder.current.runner.name == "torch"
