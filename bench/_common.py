@@ -31,18 +31,18 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, torch {torch.__version__}, {threads} threads"
 
 
-def publish_random_model(model_dir: Path, image_size: int) -> None:
-    """A ResNet18 over the demo classes, random init: timings do not depend on the weights."""
+def publish_random_model(model_dir: Path, image_size: int, backbone: str = "resnet18") -> None:
+    """A model over the demo classes, random init: timings do not depend on the weights."""
     space = LabelSpace.from_mapping({g: list(c) for g, c in LABEL_GROUPS.items()})
     store = ModelStore(model_dir)
     torch.manual_seed(0)
     with store.staging() as staged:
-        write_model_files(staged, build_model("resnet18", len(space)), space, [0.5] * len(space))
+        write_model_files(staged, build_model(backbone, len(space)), space, [0.5] * len(space))
         store.publish(
             staged,
             manifest_for(
                 version=store.next_version_name(),
-                backbone="resnet18",
+                backbone=backbone,
                 dropout=0.0,
                 label_space=space,
                 preprocess=PreprocessConfig(image_size=image_size),
