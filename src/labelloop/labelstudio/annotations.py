@@ -17,7 +17,7 @@ from typing import Any
 
 from ..data import labels_from_result
 from .label_config import LabelConfig, LabelConfigError, parse_label_config
-from .protocol import WebhookEvent
+from .protocol import WebhookEvent, fits_int64
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,10 @@ def parse_timestamp(value: str) -> datetime:
     if parsed.tzinfo is None:
         # Label Studio stores UTC; a naive time from an export or a test means UTC too.
         return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59-12:00 is past datetime.max in UTC
+        raise ValueError(f"{value!r} is out of range in UTC") from None
 
 
 def _format_timestamp(moment: datetime) -> str:
@@ -209,8 +212,7 @@ def record_from_task_annotation(
 
 
 def _as_id(value: object) -> int | None:
-    # bool is an int subclass: True is a malformed id, not id 1.
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if fits_int64(value) else None  # type: ignore[return-value]
 
 
 def _id_of(value: object) -> int | None:
@@ -271,11 +273,48 @@ def _labels(
             f"annotation {annotation_id} has a result of type {type(result).__name__}, "
             "expected a list of result items"
         )
+    for position, item in enumerate(result):
+        problem = _choices_item_problem(item)
+        if problem:
+            raise AnnotationPayloadError(
+                f"annotation {annotation_id}: result[{position}] {problem}; expected "
+                '{"from_name": ..., "type": "choices", "value": {"choices": ["label", ...]}}'
+            )
     found = labels_from_result(result)
     if config is None:
         return {name: tuple(labels) for name, labels in found.items()}
-    # Only the config's whole-image controls: choices about text or regions are not ours.
-    return {control.name: tuple(found.get(control.name, ())) for control in config.controls}
+    controls = {control.name: control for control in config.controls}
+    ignored = sorted(set(found) - set(controls))
+    if ignored:
+        # Choices about text or regions, or a control removed from the config: not ours.
+        logger.info(
+            "annotation %d: ignoring controls not in the label config: %s", annotation_id, ignored
+        )
+    for name, labels in found.items():
+        unknown = [x for x in labels if name in controls and x not in controls[name].choices]
+        if unknown:
+            # Kept: the next training adds them as classes (a choice removed from the config
+            # after annotating, or one the config will gain).
+            logger.info(
+                "annotation %d: labels %s are not among the choices of %r",
+                annotation_id,
+                unknown[:10],
+                name,
+            )
+    return {name: tuple(found.get(name, ())) for name in controls}
+
+
+def _choices_item_problem(item: object) -> str | None:
+    """Why a result item cannot be read, or None; only ``choices`` items are looked into."""
+    if not isinstance(item, Mapping):
+        return f"is {type(item).__name__}, not an object"
+    if item.get("type") != "choices":
+        return None
+    value = item.get("value")
+    choices = value.get("choices") if isinstance(value, Mapping) else None
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        return "is a choices item without a list of label strings in value.choices"
+    return None
 
 
 def _updated_at(annotation: Mapping[str, Any], annotation_id: int) -> str:

@@ -20,6 +20,7 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 logger = logging.getLogger(__name__)
@@ -36,8 +37,21 @@ __all__ = [
     "Task",
     "TaskPrediction",
     "WebhookEvent",
+    "fits_int64",
     "project_id_from",
 ]
+
+# Ids are stored in SQLite, whose integers are signed 64-bit: a larger one in a payload is
+# malformed, and must be refused where it is read rather than fail deep inside a write.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def fits_int64(value: object) -> bool:
+    """An int (not a bool: True is a malformed id, not id 1) that SQLite can store."""
+    return (
+        isinstance(value, int) and not isinstance(value, bool) and INT64_MIN <= value <= INT64_MAX
+    )
+
 
 # "<project id>.<project created-at epoch>", as /setup and /predict send it.
 _PROJECT_RE = re.compile(r"^\s*(\d+)(?:\.\d+)?\s*$")
@@ -58,13 +72,56 @@ def project_id_from(project: str | None) -> int | None:
     if match is None:
         logger.warning("Unrecognised project %r: expected '<id>.<epoch>'", project)
         return None
-    return int(match.group(1))
+    project_id = int(match.group(1))
+    if not fits_int64(project_id):
+        logger.warning("Project id of %d digits is out of range: ignored", len(match.group(1)))
+        return None
+    return project_id
+
+
+_MAX_DEPTH = 64
+
+
+def _lone_surrogate_at(value: object, depth: int = 0) -> bool:
+    """Whether a JSON value holds a string that is not valid Unicode anywhere inside it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if depth > _MAX_DEPTH:
+        return False
+    if isinstance(value, dict):
+        return any(
+            _lone_surrogate_at(k, depth + 1) or _lone_surrogate_at(v, depth + 1)
+            for k, v in value.items()
+        )
+    if isinstance(value, list):
+        return any(_lone_surrogate_at(v, depth + 1) for v in value)
+    return False
+
+
+class _Request(BaseModel):
+    """A request body. JSON may escape half of a surrogate pair ("\\ud800"), which Python
+    decodes into a string that cannot be encoded again: logging, hashing or storing it would
+    fail deep inside a handler, so such a body is refused here with a 422."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, value: object) -> object:
+        if _lone_surrogate_at(value):
+            raise ValueError(
+                "the body holds text that is not valid Unicode (an unpaired surrogate escape "
+                "such as \\ud800)"
+            )
+        return value
 
 
 # --------------------------------------------------------------------------- /setup
 
 
-class SetupRequest(BaseModel):
+class SetupRequest(_Request):
     """``POST /setup``: sent on connect and before every prediction batch (3 s timeout)."""
 
     model_config = ConfigDict(**_REQUEST_CONFIG, populate_by_name=True)
@@ -119,7 +176,7 @@ class Task(BaseModel):
     data: dict[str, Any]
 
 
-class PredictRequest(BaseModel):
+class PredictRequest(_Request):
     """``POST /predict``: tasks to predict, in the order the reply must keep."""
 
     model_config = _REQUEST_CONFIG
@@ -178,7 +235,7 @@ class PredictResponse(BaseModel):
 # --------------------------------------------------------------------------- /webhook and /train
 
 
-class WebhookEvent(BaseModel):
+class WebhookEvent(_Request):
     """``POST /webhook``: ``action`` names the event; the rest depends on it (see the docs)."""
 
     model_config = ConfigDict(extra="allow")
@@ -188,16 +245,11 @@ class WebhookEvent(BaseModel):
 
     def project_id(self) -> int | None:
         """The project's id: ``project`` is a full project object or just its id."""
-        if isinstance(self.project, dict):
-            project_id = self.project.get("id")
-            # bool is an int subclass; a True id would be a malformed payload, not project 1.
-            if isinstance(project_id, int) and not isinstance(project_id, bool):
-                return project_id
-            return None
-        return self.project
+        project_id = self.project.get("id") if isinstance(self.project, dict) else self.project
+        return project_id if fits_int64(project_id) else None
 
 
-class LegacyTrainRequest(BaseModel):
+class LegacyTrainRequest(_Request):
     """``POST /train`` of the pre-1.0 ML API: labelled tasks (each with its ``annotations``)
     under the key ``annotations``. Kept so that older set-ups get a clear answer."""
 

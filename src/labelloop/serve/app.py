@@ -15,6 +15,7 @@ from collections import Counter
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import httpx
 from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -105,12 +106,32 @@ class FetcherRegistry:
         self._setup_hostname: str | None = None
         self._setup_token: str | None = None
 
-    def remember_setup(self, hostname: str | None, token: str | None) -> None:
+    def remember_setup(self, hostname: str | None, token: str | None) -> list[str]:
+        """Keep what /setup sent for later image fetches; returns warnings about what was not.
+
+        Anyone who can reach /setup chooses these values, and a bad one kept here would break
+        every later /predict, so only a usable http(s) URL and a header-safe token are kept.
+        """
+        warnings: list[str] = []
+        hostname = (hostname or "").strip().rstrip("/")
+        token = (token or "").strip()
+        if hostname and not _usable_base_url(hostname):
+            warnings.append(
+                "ignored the hostname /setup sent: not an http(s) URL with a host "
+                "(set LABEL_STUDIO_URL)"
+            )
+            hostname = ""
+        if token and not _header_safe(token):
+            warnings.append("ignored the access token /setup sent: not a printable ASCII token")
+            token = ""
         with self._lock:
             if hostname:
-                self._setup_hostname = hostname.rstrip("/")
+                self._setup_hostname = hostname
             if token:
                 self._setup_token = token
+        for line in warnings:
+            logger.warning("Setup: %s", line)
+        return warnings
 
     def credentials(self) -> tuple[str | None, str | None]:
         """Label Studio's URL and token: the env settings, else what /setup last sent."""
@@ -150,6 +171,19 @@ class FetcherRegistry:
             for fetcher in self._fetchers.values():
                 fetcher.close()
             self._fetchers.clear()
+
+
+def _usable_base_url(url: str) -> bool:
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return False
+    # No user:password@: credentials in a URL end up in logs and error messages.
+    return parsed.scheme in ("http", "https") and bool(parsed.host) and not parsed.userinfo
+
+
+def _header_safe(token: str) -> bool:
+    return token.isascii() and token.isprintable()
 
 
 _BASIC = HTTPBasic(auto_error=False)
@@ -255,7 +289,7 @@ def create_app(
     @app.post("/setup", response_model=SetupResponse, response_model_exclude_none=True)
     def setup(request: SetupRequest) -> SetupResponse:
         metrics.count_request("setup")
-        fetchers.remember_setup(request.hostname, request.access_token)
+        setup_warnings = fetchers.remember_setup(request.hostname, request.access_token)
         project_id = project_id_from(request.project)
         if ledger is not None and project_id is not None and request.label_config:
             ledger.set_label_config(project_id, request.label_config)
@@ -271,7 +305,7 @@ def create_app(
             warnings = [*config.warnings, *mapping.warnings()]
             for line in warnings:
                 logger.warning("Label config: %s", line)
-        return SetupResponse(model_version=model_version(), warnings=warnings)
+        return SetupResponse(model_version=model_version(), warnings=[*setup_warnings, *warnings])
 
     @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=True)
     def predict(request: PredictRequest) -> PredictResponse:

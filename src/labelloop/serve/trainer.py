@@ -46,7 +46,12 @@ from ..labels import LabelSpace
 from ..labelstudio.annotations import record_from_task_annotation
 from ..labelstudio.client import LabelStudioAPIError, LabelStudioClient
 from ..labelstudio.images import ImageFetcher, ImageFetchError
-from ..labelstudio.label_config import ChoicesControl, LabelConfig, parse_label_config
+from ..labelstudio.label_config import (
+    ChoicesControl,
+    LabelConfig,
+    LabelConfigError,
+    parse_label_config,
+)
 from ..ledger import Job, Ledger, ReconcileResult, TrainingExample
 from ..model import build_model
 from ..store import (
@@ -305,7 +310,12 @@ class Trainer:
         config_xml = self.ledger.label_config(job.project_id)
         if config_xml is None:
             return "the project's label config is not known yet"
-        return parse_label_config(config_xml), self.ledger.training_set(job.project_id)
+        try:
+            config = parse_label_config(config_xml)
+        except LabelConfigError as exc:
+            # A config Label Studio would not accept either: nothing to train, no traceback.
+            return f"the project's label config is unusable: {exc}"
+        return config, self.ledger.training_set(job.project_id)
 
     # -- fast update --------------------------------------------------------------------------
 
