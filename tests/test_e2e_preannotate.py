@@ -72,7 +72,25 @@ def test_preannotate_resumes_and_never_duplicates(project) -> None:
     per_task = Counter(p["task"] for p in predictions if p["model_version"] == version)
     assert len(per_task) == 240 and set(per_task.values()) == {1}
     assert all(0.0 <= p["score"] <= 1.0 for p in predictions)
-    assert run(project, "--all") == (240, 0)  # --all predicts everything again
+
+
+def test_preannotate_all_replaces_instead_of_duplicating(project) -> None:
+    client, pid = project["client"], project["id"]
+    version = ModelStore(project["model_dir"]).current_version()
+    run(project)
+
+    def current_ids() -> Counter:
+        return Counter(
+            p["task"] for p in client.predictions(project_id=pid) if p["model_version"] == version
+        )
+
+    before = {p["id"] for p in client.predictions(project_id=pid)}
+    assert run(project, "--all", "--limit", "30") == (30, 0)  # replaced one by one
+    assert set(current_ids().values()) == {1} and len(current_ids()) == 240
+    assert len(before - {p["id"] for p in client.predictions(project_id=pid)}) == 30
+    assert run(project, "--all") == (240, 0)  # replaced with one bulk delete
+    assert set(current_ids().values()) == {1} and len(current_ids()) == 240
+    assert not before & {p["id"] for p in client.predictions(project_id=pid)}
 
 
 def test_preannotate_without_credentials_is_a_clear_error(project) -> None:

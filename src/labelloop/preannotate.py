@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,6 +51,16 @@ class PreannotateSummary:
         }
 
 
+@dataclass
+class Work:
+    tasks: list[dict[str, Any]]  # to predict, in project order
+    skipped: int
+    # Predictions of the current version that the new ones replace (`--all`), by task id.
+    replaced: dict[int, list[int]] = field(default_factory=dict)
+    # True when `replaced` is every prediction of the version in the project: one bulk delete.
+    replaces_whole_version: bool = False
+
+
 def tasks_to_predict(
     client: LabelStudioClient,
     project_id: int,
@@ -58,24 +68,33 @@ def tasks_to_predict(
     *,
     missing_only: bool,
     unlabelled_only: bool = False,
-) -> tuple[list[dict[str, Any]], int]:
-    """The project's tasks that need a prediction, and how many were skipped.
+    limit: int | None = None,
+) -> Work:
+    """The project's tasks that need a prediction, and the predictions they replace.
 
     Tasks come from the project export, not the Data Manager list, because listing tasks with
     "retrieve predictions automatically" on makes Label Studio call the backend for every page.
     """
     tasks = client.export_tasks(project_id)
-    skip: set[int] = set()
-    if missing_only:
-        skip = {
-            int(p["task"])
-            for p in client.predictions(project_id=project_id)
-            if p.get("model_version") == model_version
-        }
+    current: dict[int, list[int]] = defaultdict(list)
+    for prediction in client.predictions(project_id=project_id):
+        if prediction.get("model_version") == model_version:
+            current[int(prediction["task"])].append(int(prediction["id"]))
+    skip: set[int] = set(current) if missing_only else set()
     if unlabelled_only:
         skip |= {int(t["id"]) for t in tasks if t.get("annotations")}
     wanted = [t for t in tasks if int(t["id"]) not in skip]
-    return wanted, len(tasks) - len(wanted)
+    skipped = len(tasks) - len(wanted)  # by the filters; tasks past `limit` are not "skipped"
+    if limit is not None:
+        wanted = wanted[:limit]
+    wanted_ids = {int(t["id"]) for t in wanted}
+    replaced = {task: ids for task, ids in current.items() if task in wanted_ids}
+    return Work(
+        tasks=wanted,
+        skipped=skipped,
+        replaced=replaced,
+        replaces_whole_version=bool(replaced) and len(replaced) == len(current),
+    )
 
 
 def preannotate(
@@ -97,16 +116,22 @@ def preannotate(
         raise RuntimeError("no model to pre-annotate with: train one first")
     started = time.perf_counter()
     label_config = client.get_project(project_id)["label_config"]
-    tasks, skipped = tasks_to_predict(
+    work = tasks_to_predict(
         client,
         project_id,
         model.version,
         missing_only=missing_only,
         unlabelled_only=unlabelled_only,
+        limit=limit,
     )
-    if limit is not None:
-        tasks = tasks[:limit]
-    summary = PreannotateSummary(model.version, tasks=len(tasks), skipped=skipped)
+    tasks = work.tasks
+    summary = PreannotateSummary(model.version, tasks=len(tasks), skipped=work.skipped)
+    if work.replaces_whole_version:
+        # Replacing every prediction of this version: one call instead of one per prediction.
+        # A run interrupted after this leaves tasks without one; `--missing` fills them.
+        deleted = client.delete_version_predictions(project_id, model.version)
+        logger.info("Deleted %d predictions of %s to replace them", deleted, model.version)
+        work.replaced.clear()
     summary.list_seconds = time.perf_counter() - started
     # Pushing a batch overlaps predicting the next; one pusher keeps them in order.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="push") as pusher:
@@ -128,7 +153,8 @@ def preannotate(
                 if isinstance(result, TaskPrediction)
             ]
             if payload:
-                pushes.append(pusher.submit(client.import_predictions, project_id, payload))
+                stale = [pid for item in payload for pid in work.replaced.get(item["task"], [])]
+                pushes.append(pusher.submit(_replace, client, project_id, payload, stale))
             summary.predicted += len(payload)
             if progress is not None:
                 progress(min(start + batch_size, len(tasks)), len(tasks))
@@ -146,6 +172,16 @@ def preannotate(
         " (cancelled)" if summary.cancelled else "",
     )
     return summary
+
+
+def _replace(
+    client: LabelStudioClient, project_id: int, payload: list[dict[str, Any]], stale: list[int]
+) -> None:
+    """Store the new predictions, then drop the ones of the same version they replace (new
+    first, so a task never goes without one)."""
+    client.import_predictions(project_id, payload)
+    for prediction_id in stale:
+        client.delete_prediction(prediction_id)
 
 
 def _import_item(task_id: int, prediction: TaskPrediction) -> dict[str, Any]:

@@ -365,6 +365,18 @@ class LabelStudioClient:
             return list(reply["results"])
         return list(reply)
 
+    def delete_prediction(self, prediction_id: int) -> None:
+        self._request("DELETE", f"/api/predictions/{prediction_id}/")
+
+    def delete_version_predictions(self, project_id: int, model_version: str) -> int:
+        """Delete every prediction of `model_version` in the project in one call."""
+        reply = self._json(
+            "DELETE",
+            f"/api/projects/{project_id}/model-versions/",
+            json={"model_version": model_version},
+        )
+        return int(reply) if isinstance(reply, int) else 0
+
     # ------------------------------------------------------------------ tasks / annotations
 
     def list_tasks(self, project_id: int, *, page_size: int = 100) -> list[dict[str, Any]]:
