@@ -129,3 +129,147 @@ def test_kill_9_during_training_loses_nothing(trained_model, demo_dataset, tmp_p
             verify_version_dir(store.version_dir(version))
     finally:
         backend.stop()
+
+
+# -- kill -9 in the middle of ModelStore publishing a version ---------------------------------
+
+# Stages and publishes a copy of the current model as a new version, pausing (forever, until
+# killed) at one step of the publish: the test SIGKILLs it there.
+PUBLISHER = r"""
+import sys, time
+from pathlib import Path
+
+import labelloop.store as store_module
+from labelloop.store import ModelStore, load_bundle, manifest_for, write_model_files
+
+model_dir, point, ready = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+
+
+def pause_here():
+    ready.write_text(point)
+    time.sleep(600)
+
+
+if point == "mid-write":
+    real_write = store_module.write_json_atomic
+
+    def write_then_pause(path, payload):
+        real_write(path, payload)
+        pause_here()  # model.pth and classes.json are written; thresholds.json is not
+
+    store_module.write_json_atomic = write_then_pause
+elif point == "before-version-rename":
+    real_rename = Path.rename
+
+    def pause_then_rename(self, target):
+        if Path(target).parent.name == "versions":
+            pause_here()
+        return real_rename(self, target)
+
+    Path.rename = pause_then_rename
+elif point == "before-current-replace":
+    real_replace = Path.replace
+
+    def pause_then_replace(self, target):
+        if Path(target).name == "current":
+            pause_here()
+        return real_replace(self, target)
+
+    Path.replace = pause_then_replace
+
+store = ModelStore(model_dir)
+base = load_bundle(model_dir)
+version = store.next_version_name()
+with store.staging() as staged:
+    write_model_files(staged, base.model, base.label_space, base.thresholds)
+    manifest = manifest_for(
+        version=version,
+        backbone=base.manifest.backbone,
+        dropout=base.manifest.dropout,
+        label_space=base.label_space,
+        preprocess=base.preprocess,
+        parent_version=base.version,
+    )
+    store.publish(staged, manifest)
+print("published without pausing", file=sys.stderr)
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("point", ["mid-write", "before-version-rename", "before-current-replace"])
+def test_kill_9_during_publish_keeps_the_last_good_version(
+    trained_model, tmp_path: Path, point: str
+) -> None:
+    import subprocess
+    import sys
+
+    from labelloop.store import load_bundle
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_model[0], model_dir)
+    store = ModelStore(model_dir)
+    before = store.current_version()
+    ready = tmp_path / "ready"
+    process = subprocess.Popen(
+        [sys.executable, "-c", PUBLISHER, str(model_dir), point, str(ready)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: ready.exists() or process.poll() is not None,
+            timeout_s=120,
+            what=f"the publisher to reach {point}",
+        )
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+    finally:
+        process.kill()  # SIGKILL: no finally blocks, no atexit, exactly like the OOM killer
+        process.wait(timeout=10)
+        if process.stderr:
+            process.stderr.close()
+
+    leftovers = [p for p in store.versions_dir.iterdir() if p.name.startswith(".staging-")]
+    staging = [p.name for p in leftovers if p.is_dir()]
+    # Killed before the rename, the staging folder is left behind (with its lock file; after
+    # the rename, only the lock file)...
+    assert len(staging) == (0 if point == "before-current-replace" else 1)
+    assert len(leftovers) == len(staging) + 1
+    # ...but it is never listed, loaded, or pointed at.
+    assert store.current_version() == before
+    assert load_bundle(model_dir).version == before
+    published = store.versions()
+    if point == "before-current-replace":
+        # The version folder was complete when renamed in: published, just not current.
+        assert len(published) == 2 and published[0] == before
+    else:
+        assert published == [before]
+    for version in published:
+        verify_version_dir(store.version_dir(version))
+
+    # Start-up cleaning removes what the dead writer left, and nothing else.
+    with store.staging() as live:
+        (live / "model.pth").write_bytes(b"in progress")
+        removed = store.remove_stale_staging()
+        assert live.is_dir()  # another process's publish in progress is left alone
+    assert removed == staging
+    assert not [p for p in store.versions_dir.iterdir() if p.name.startswith(".staging-")]
+
+    # And the store publishes the next version as if nothing happened.
+    bundle = load_bundle(model_dir)
+    with store.staging() as staged:
+        from labelloop.store import manifest_for, write_model_files
+
+        write_model_files(staged, bundle.model, bundle.label_space, bundle.thresholds)
+        version = store.next_version_name()
+        store.publish(
+            staged,
+            manifest_for(
+                version=version,
+                backbone=bundle.manifest.backbone,
+                dropout=bundle.manifest.dropout,
+                label_space=bundle.label_space,
+                preprocess=bundle.preprocess,
+                parent_version=before,
+            ),
+        )
+    assert store.current_version() == version and load_bundle(model_dir).version == version

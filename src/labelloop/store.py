@@ -13,12 +13,14 @@ either the old or the new state, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -34,6 +36,11 @@ from torch import nn
 from .config import PreprocessConfig
 from .labels import LabelSpace
 from .model import build_model, head_out_features, infer_backbone, load_into, read_checkpoint
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; stale staging is then removed by age only
+    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +119,45 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_STAGING_PREFIX = ".staging-"
+_LOCK_SUFFIX = ".lock"
+_UNLOCKED_STAGING_MAX_AGE_S = 24 * 3600.0
+
+
+def _hold_lock(path: Path) -> int | None:
+    """An exclusive lock on `path` (created), held until `_release_lock`; None without fcntl."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if fcntl is None:
+        os.close(fd)
+        return None
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _try_lock(path: Path) -> int | None:
+    """The lock on `path` if nobody holds it, else None."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _release_lock(fd: int | None, path: Path) -> None:
+    # Unlinked before unlocking: a cleaner that then takes the lock sees no file to act on.
+    with contextlib.suppress(OSError):
+        path.unlink()
+    if fd is not None:
+        os.close(fd)
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     with tmp.open("w", encoding="utf-8") as handle:
@@ -169,15 +215,55 @@ class ModelStore:
 
     @contextmanager
     def staging(self) -> Iterator[Path]:
-        """A scratch directory on the same file system, removed unless published."""
+        """A scratch directory on the same file system, removed unless published.
+
+        While it exists, an exclusive lock on ``<dir>.lock`` beside it says a live process
+        owns it; the kernel drops the lock when the process dies, even by SIGKILL, which is how
+        `remove_stale_staging` tells a crashed writer's leftovers from work in progress.
+        """
         self.versions_dir.mkdir(parents=True, exist_ok=True)
-        staged = self.versions_dir / f".staging-{uuid.uuid4().hex}"
-        staged.mkdir()
+        staged = self.versions_dir / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
+        lock = _hold_lock(staged.with_name(staged.name + _LOCK_SUFFIX))
         try:
+            staged.mkdir()
             yield staged
         finally:
             if staged.exists():
                 shutil.rmtree(staged, ignore_errors=True)
+            _release_lock(lock, staged.with_name(staged.name + _LOCK_SUFFIX))
+
+    def remove_stale_staging(self) -> list[str]:
+        """Delete staging directories whose writer died (a crash mid-publish); returns their
+        names. Ones a live process still holds are left alone, so this is safe to run while
+        another process trains into the same MODEL_DIR."""
+        if not self.versions_dir.is_dir():
+            return []
+        removed = []
+        for path in sorted(self.versions_dir.iterdir()):
+            if not path.name.startswith(_STAGING_PREFIX):
+                continue
+            if path.name.endswith(_LOCK_SUFFIX):
+                # A lock whose folder was published (renamed away) before the writer died.
+                # If a writer created it a moment ago and has not locked it yet, unlinking it
+                # only makes its folder fall under the age rule below: harmless.
+                orphan = not path.with_name(path.name.removesuffix(_LOCK_SUFFIX)).exists()
+                if orphan and fcntl is not None and (lock := _try_lock(path)) is not None:
+                    _release_lock(lock, path)
+                continue
+            lock_path = path.with_name(path.name + _LOCK_SUFFIX)
+            if lock_path.exists() and fcntl is not None:
+                lock = _try_lock(lock_path)
+                if lock is None:
+                    continue  # a live writer
+            elif time.time() - path.stat().st_mtime < _UNLOCKED_STAGING_MAX_AGE_S:
+                continue  # written by a version without locks, maybe still working
+            else:
+                lock = None
+            shutil.rmtree(path, ignore_errors=True)
+            _release_lock(lock, lock_path)
+            removed.append(path.name)
+            logger.warning("Removed %s, left by a publish that never finished", path)
+        return removed
 
     def publish(self, staged: Path, manifest: Manifest, *, make_current: bool = True) -> Path:
         """Checksum, write the manifest, rename the staged directory into place, switch current."""

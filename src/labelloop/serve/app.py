@@ -384,6 +384,8 @@ def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None 
     from ..incremental import EmbeddingCache
 
     settings.model_dir.mkdir(parents=True, exist_ok=True)
+    # A publish killed half-way leaves a staging folder (possibly a whole model.pth) behind.
+    ModelStore(settings.model_dir).remove_stale_staging()
     if settings.cache_dir is None:
         settings = settings.model_copy(
             update={"cache_dir": settings.model_dir / "cache" / "images"}
