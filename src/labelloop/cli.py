@@ -379,6 +379,14 @@ def serve(
             help="The URL Label Studio reaches this backend at [http://HOST:PORT].",
         ),
     ] = None,
+    runtime: Annotated[
+        str | None,
+        typer.Option(
+            envvar="LABELLOOP_RUNTIME",
+            help="Forward passes on: auto (CUDA, else ONNX Runtime, else PyTorch), "
+            "onnxruntime or torch [auto].",
+        ),
+    ] = None,
 ) -> None:
     """Serve the current model to Label Studio and learn from its annotations.
 
@@ -403,6 +411,7 @@ def serve(
             "refresh": refresh,
             "rename_backend": rename_backend,
             "public_url": public_url,
+            "runtime": runtime,
         }
     )
     app_ = build_app(
@@ -458,7 +467,7 @@ def preannotate(
         raise ConfigError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to pre-annotate a project")
     fetchers = FetcherRegistry(settings)
     predictor = Predictor(
-        ModelHolder.from_path(model_dir),
+        ModelHolder.from_path(model_dir, runtime=settings.runtime),
         batch_size=settings.batch_size,
         workers=settings.fetch_workers,
     )
