@@ -494,3 +494,71 @@ def test_a_huge_batch_is_answered_in_bounded_time(
     assert elapsed < 60, f"{n} tasks took {elapsed:.1f} s"
     print(f"huge batch: {n} tasks in {elapsed:.2f} s")
     _assert_still_serving(backend, config, good_image)
+
+
+# --------------------------------------------------------------------------- DNS rebinding
+
+
+def test_dns_rebinding_is_caught_on_the_connected_socket(label_studio: str, monkeypatch) -> None:
+    """The host name is checked when first resolved; a different answer when the connection
+    resolves it again (DNS rebinding) is caught on the socket before the body is read.
+
+    Loopback stands in for the metadata address (only 127.0.0.1 may be bound here), and the
+    resolver is replaced for one made-up name: the first answer is a public address, every
+    later one is 127.0.0.1.
+    """
+    import ipaddress
+    import socket
+
+    from labelloop.labelstudio import images
+    from labelloop.labelstudio.images import FetchSettings, ImageFetcher, ImageFetchError
+
+    real_getaddrinfo = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "rebind.test":
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        answer = "203.0.113.7" if not lookups else "127.0.0.1"
+        lookups.append(answer)
+        return real_getaddrinfo(answer, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    url = f"http://rebind.test:{httpx.URL(label_studio).port}/status/200"
+    fetcher = ImageFetcher(FetchSettings(label_studio_url=None, timeout_s=5), None)
+    try:
+        # Not refused: the connection really reaches the server under the rebound name.
+        assert fetcher.fetch_bytes(url) == b"no"
+        lookups.clear()
+        monkeypatch.setattr(
+            images,
+            "_METADATA_ADDRESSES",
+            images._METADATA_ADDRESSES | {ipaddress.ip_address("127.0.0.1")},
+        )
+        fetcher.close()
+        fetcher = ImageFetcher(FetchSettings(label_studio_url=None, timeout_s=5), None)
+        with pytest.raises(ImageFetchError, match="connection went to 127.0.0.1"):
+            fetcher.fetch_bytes(url)
+        assert lookups[0] == "203.0.113.7"  # what the first check saw, and let through
+    finally:
+        fetcher.close()
+
+
+@pytest.mark.parametrize(
+    ("address", "refused"),
+    [
+        ("169.254.169.254", True),
+        ("::ffff:169.254.169.254", True),  # the same host written as IPv4-mapped IPv6
+        ("fe80::1", True),
+        ("100.100.100.200", True),
+        ("0.0.0.0", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+    ],
+)
+def test_refused_addresses(address: str, refused: bool) -> None:
+    import ipaddress
+
+    from labelloop.labelstudio.images import _refused_address
+
+    assert _refused_address(ipaddress.ip_address(address)) is refused

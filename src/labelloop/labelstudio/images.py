@@ -112,9 +112,34 @@ def refused_destination(url: str, settings: FetchSettings) -> str | None:
         return f"cannot resolve host {host!r} ({exc})"
     for info in infos:
         address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-        if address.is_link_local or address in _METADATA_ADDRESSES or address.is_unspecified:
+        if _refused_address(address):
             return f"host {host!r} resolves to {address}, a link-local or metadata address"
     return None
+
+
+def _refused_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:169.254.169.254 is the same host
+    if mapped is not None:
+        address = mapped
+    return address.is_link_local or address in _METADATA_ADDRESSES or address.is_unspecified
+
+
+def _refused_peer(response: httpx.Response) -> str | None:
+    """The address the response actually came from, when it is one we refuse; else None.
+
+    `refused_destination` resolves the host name itself, and the connection resolves it again:
+    a DNS answer that changes in between (DNS rebinding) would slip past the first check. This
+    one looks at the connected socket, before a byte of the body is read.
+    """
+    stream = response.extensions.get("network_stream")
+    peer = stream.get_extra_info("server_addr") if stream is not None else None
+    if not peer:
+        return None
+    try:
+        address = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+    except ValueError:
+        return None
+    return str(address) if _refused_address(address) else None
 
 
 @dataclass(frozen=True)
@@ -537,7 +562,16 @@ class ImageFetcher:
         if send_auth and self._auth is not None:
             headers.update(self._auth_headers())
         request = self._client.build_request("GET", url, headers=headers, timeout=remaining)
-        return self._client.send(request, stream=True, follow_redirects=False)
+        response = self._client.send(request, stream=True, follow_redirects=False)
+        # Label Studio included: a /setup hostname is not to be trusted more than a task URL.
+        peer = _refused_peer(response)
+        if peer is not None:
+            response.close()
+            raise ImageFetchError(
+                f"refusing to fetch {_display(url)}: the connection went to {peer}, a link-local "
+                "or metadata address (the host's DNS answer changed after it was checked)"
+            )
+        return response
 
     def _auth_headers(self) -> dict[str, str]:
         assert self._auth is not None
