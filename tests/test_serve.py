@@ -257,3 +257,16 @@ def test_runtime_from_the_environment_and_its_errors(trained_model, tmp_path) ->
     with TestClient(app) as client:
         assert client.get("/health").json()["model_loaded"]
         assert app.state.holder.current.runner.name == "torch"
+
+
+def test_oversized_request_body_is_refused_before_it_is_buffered(trained_model, holder) -> None:
+    from fastapi.testclient import TestClient
+
+    settings = settings_from({"model_dir": trained_model[0]}, {"LABELLOOP_MAX_REQUEST_MB": "1"})
+    with TestClient(create_app(settings, holder), raise_server_exceptions=False) as client:
+        huge = {"tasks": [{"id": i, "data": {"image": "x" * 1000}} for i in range(2000)]}
+        reply = client.post("/predict", json=huge)
+        assert reply.status_code == 413
+        assert client.get("/health").status_code == 200
+        small = client.post("/predict", json={"tasks": huge["tasks"][:10]})
+        assert small.status_code != 413

@@ -247,6 +247,7 @@ def create_app(
         version=__version__,
         lifespan=lifespan,
         dependencies=[Depends(_basic_auth_dependency(settings))],
+        max_body_size=settings.max_request_mb * 2**20,
     )
     app.state.settings = settings
     app.state.holder = holder

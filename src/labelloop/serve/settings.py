@@ -29,6 +29,9 @@ class ServeSettings(BaseModel):
     batch_size: int = Field(16, ge=1, le=512)
     fetch_workers: int = Field(8, ge=1, le=64)
     fetch_timeout_s: float = Field(15.0, gt=0)
+    # A request body bigger than this gets a 413 before it is buffered. Label Studio sends every
+    # selected task in one /predict (about 1 KB each), so 256 MB leaves room for 100k+ tasks.
+    max_request_mb: int = Field(256, ge=1)
     log_level: str = "INFO"
     # After a promotion: re-predict unlabelled tasks and push them, and rename our ML backend
     # entry to the new version so Label Studio's score column and uncertainty sampling use it.
@@ -77,6 +80,7 @@ ENV_NAMES = {
     "public_url": "LABELLOOP_PUBLIC_URL",
     "allowed_image_hosts": "LABELLOOP_ALLOWED_IMAGE_HOSTS",
     "runtime": "LABELLOOP_RUNTIME",
+    "max_request_mb": "LABELLOOP_MAX_REQUEST_MB",
 }
 
 
