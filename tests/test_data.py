@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from labelloop.config import DataConfig, PreprocessConfig, SplitConfig
@@ -339,3 +340,39 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     exif[0x0112] = 6  # rotate 90 degrees on display
     image.save(tmp_path / "r.jpg", exif=exif)
     assert load_rgb(tmp_path / "r.jpg").size == (20, 40)
+
+
+def test_load_rgb_decodes_jpeg_at_a_reduced_scale_only_when_asked(tmp_path: Path) -> None:
+    from labelloop.data import load_rgb
+
+    Image.new("RGB", (1000, 800), (10, 120, 200)).save(tmp_path / "big.jpg", quality=90)
+    Image.new("RGB", (1000, 800), (10, 120, 200)).save(tmp_path / "big.png")
+    assert load_rgb(tmp_path / "big.jpg").size == (1000, 800)
+    # DCT scaling picks the smallest 1/2, 1/4, 1/8 scale that keeps both sides >= min_side.
+    assert load_rgb(tmp_path / "big.jpg", min_side=300).size == (500, 400)
+    assert load_rgb((tmp_path / "big.jpg").read_bytes(), min_side=90).size == (125, 100)
+    assert load_rgb(tmp_path / "big.png", min_side=300).size == (1000, 800)  # not a JPEG
+
+    dataset = ImageDataset(
+        [tmp_path / "big.jpg"],
+        None,
+        lambda image: torch.tensor(image.size),
+        min_side=300,
+    )
+    assert dataset[0][0].tolist() == [500, 400]
+
+
+def test_train_transform_augments_pil_images_into_normalised_tensors() -> None:
+    from labelloop.transforms import train_decode_side, train_transform
+
+    config = PreprocessConfig(image_size=32, min_scale=0.6)
+    # The smallest crop of a square image this side (area 0.6, aspect 3:4) is still >= 32 px.
+    side = train_decode_side(config)
+    assert side == 48 and side * (0.6 * 3 / 4) ** 0.5 >= 32
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    out = train_transform(config)(image)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    # Normalised with the ImageNet statistics: roughly zero-centred, unit-ish spread.
+    assert -1.0 < float(out.mean()) < 1.0 and 0.5 < float(out.std()) < 2.0

@@ -540,9 +540,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(source: Path | bytes) -> Image.Image:
-    """Decode an image file (or its downloaded bytes) as RGB, honouring EXIF orientation."""
+def load_rgb(source: Path | bytes, *, min_side: int | None = None) -> Image.Image:
+    """Decode an image file (or its downloaded bytes) as RGB, honouring EXIF orientation.
+
+    With `min_side`, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, several times
+    faster on photos) as long as both sides stay at least `min_side`, as serving decodes them.
+    """
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        if min_side is not None and img.format == "JPEG":
+            img.draft("RGB", (min_side, min_side))
         return to_rgb(ImageOps.exif_transpose(img))
 
 
@@ -555,9 +561,12 @@ class ImageDataset(Dataset):
         paths: Sequence[Path | bytes],
         targets: np.ndarray | None,
         transform: Callable[[Image.Image], torch.Tensor],
+        *,
+        min_side: int | None = None,
     ) -> None:
         if targets is not None and len(targets) != len(paths):
             raise ValueError(f"{len(paths)} paths but {len(targets)} target rows")
+        self.min_side = min_side  # see load_rgb
         self.paths = list(paths)
         self.targets = None if targets is None else torch.as_tensor(targets, dtype=torch.float32)
         self.transform = transform
@@ -567,7 +576,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         try:
-            image = self.transform(load_rgb(self.paths[index]))
+            image = self.transform(load_rgb(self.paths[index], min_side=self.min_side))
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
             item = self.paths[index]
             logger.warning(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -27,9 +28,17 @@ def eval_transform(config: PreprocessConfig) -> Callable[[Image.Image], torch.Te
     )
 
 
+def train_decode_side(config: PreprocessConfig) -> int:
+    """The shorter side a training image needs so that even the smallest random crop (area
+    `min_scale`, aspect 3:4) still spans `image_size` pixels: decoding finer is waste."""
+    return math.ceil(config.image_size / math.sqrt(config.min_scale * 3 / 4))
+
+
 def train_transform(config: PreprocessConfig) -> Callable[[Image.Image], torch.Tensor]:
+    # Augmentation runs on the PIL image, before the tensor conversion: Pillow's crop-resize
+    # and colour ops take a fraction of the time of the same ops on uint8 tensors, and without
+    # DataLoader workers (two cores) the training step waits for every millisecond of it.
     steps: list[Callable] = [
-        v2.PILToTensor(),
         # A mild crop scale: defects are small, and a tight crop could cut them out of the
         # image while the label still says they are there.
         v2.RandomResizedCrop(config.image_size, scale=(config.min_scale, 1.0), antialias=True),
@@ -42,6 +51,7 @@ def train_transform(config: PreprocessConfig) -> Callable[[Image.Image], torch.T
         j = config.color_jitter
         steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j / 2))
     steps += [
+        v2.PILToTensor(),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(config.mean), std=list(config.std)),
     ]
