@@ -103,9 +103,8 @@ class Profiler:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Profiler:
-        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         self.proc = subprocess.Popen(
-            [spy, "record", "--pid", str(os.getpid()), "--format", "raw", "--rate", "50"]
+            [str(_py_spy()), "record", "--pid", str(os.getpid()), "--format", "raw", "--rate", "50"]
             + ["--output", str(self.out), "--nonblocking", "--threads"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -129,6 +128,14 @@ class Profiler:
         buckets.pop("idle", None)
         busy = sum(buckets.values()) or 1
         return [(name, n / busy) for name, n in buckets.most_common(top)]
+
+
+def _py_spy() -> str | None:
+    found = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(found).is_file():
+        print("py-spy is not installed (.venv/bin/pip install py-spy): no profile")
+        return None
+    return found
 
 
 _CATEGORIES = (
@@ -188,7 +195,7 @@ def measure(
     log = PredictLog()
     with log.attached(), backend(model_dir, stack.ls, runtime=args.runtime) as url:
         body = stack.predict_body("bulk", tasks)
-        if args.profile and backbone == args.backbones[0]:
+        if args.profile and backbone == args.backbones[0] and _py_spy() is not None:
             profiler = Profiler(root / f"profile-{backbone}.txt")
             with profiler:
                 results, predict_s = post_predict(url, body)
