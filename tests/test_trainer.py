@@ -4,7 +4,10 @@ read from a local-files document root, exactly as the server reads them)."""
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,9 +18,11 @@ from labelloop.incremental import EmbeddingCache, head_of
 from labelloop.labelstudio.annotations import AnnotationRecord
 from labelloop.labelstudio.images import FetchSettings, ImageFetcher
 from labelloop.ledger import Ledger
+from labelloop.serve import trainer as trainer_module
 from labelloop.serve.predictor import LoadedModel, ModelHolder
-from labelloop.serve.trainer import Trainer, TrainerSettings, split_of
+from labelloop.serve.trainer import Trainer, TrainerSettings, run_at_lower_priority, split_of
 from labelloop.store import ModelStore, load_bundle
+from labelloop.transforms import resize_size, train_decode_side
 
 PROJECT = 7
 
@@ -326,10 +331,21 @@ def test_rollback_is_served_without_a_restart(setup, demo_dataset) -> None:
     assert holder.current.version == first
 
 
-def test_full_update_fine_tunes_everything_with_replay(setup, demo_dataset) -> None:
+def test_full_update_fine_tunes_everything_with_replay(setup, demo_dataset, monkeypatch) -> None:
     _, holder, ledger, make = setup
     old = holder.current.bundle
     ledger.upsert(records(demo_dataset, 40))
+    fit_niceness: list[int] = []
+    real_fit = trainer_module.fit
+
+    decode_sides: list[int | None] = []
+
+    def spy_fit(*args, **kwargs):
+        fit_niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        decode_sides.extend(loader.dataset.min_side for loader in args[1:3])
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "fit", spy_fit)
     trainer = make(tolerance=1.0, full_epochs=2)
     [job] = trainer.request(PROJECT, ["full"], "start_training")
     trainer.start()
@@ -346,6 +362,32 @@ def test_full_update_fine_tunes_everything_with_replay(setup, demo_dataset) -> N
     assert not torch.equal(new.model.conv1.weight, old.model.conv1.weight)  # backbone moved
     assert new.manifest.data == old.manifest.data  # replay source carried forward
     assert new.manifest.parent_version == old.version
+    if sys.platform.startswith("linux"):
+        # Fine-tuning ran below request handling's CPU priority (responsiveness on few cores).
+        assert fit_niceness == [min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)]
+    # Photos are decoded only as finely as the train crops and the eval resize need.
+    assert decode_sides == [train_decode_side(old.preprocess), resize_size(old.preprocess)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_run_at_lower_priority_nices_only_a_fresh_thread() -> None:
+    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: dict[str, object] = {}
+
+    def work(x: int, *, y: int) -> int:
+        seen["thread"] = threading.current_thread().name
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return x + y
+
+    assert run_at_lower_priority(5, work, 1, y=2) == 3
+    assert seen == {"thread": "trainer-fit", "nice": min(19, caller + 5)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller
+
+    def boom() -> None:
+        raise FloatingPointError("loss became nan")
+
+    with pytest.raises(FloatingPointError, match="nan"):
+        run_at_lower_priority(5, boom)
 
 
 def test_start_training_queues_fast_then_full(setup) -> None:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -64,7 +66,7 @@ from ..store import (
 )
 from ..thresholds import tune_thresholds
 from ..train import fit, predict, resolve_device
-from ..transforms import eval_transform, train_transform
+from ..transforms import eval_transform, resize_size, train_decode_side, train_transform
 from .predictor import ModelHolder
 
 logger = logging.getLogger(__name__)
@@ -101,6 +103,10 @@ class TrainerSettings(BaseModel):
     replay_max: int = Field(2000, ge=0)
     fetch_workers: int = Field(8, ge=1)
     poll_seconds: float = Field(0.5, gt=0)
+    # The full fine-tune runs at this much lower CPU priority (Linux nice increment) than
+    # request handling: on a few cores its compute threads otherwise compete with /setup,
+    # webhooks and /predict for the CPU (bench/responsiveness.py). No effect on an idle machine.
+    train_nice: int = Field(10, ge=0, le=19)
 
 
 def split_of(task_id: int, settings: TrainerSettings) -> str:
@@ -403,13 +409,18 @@ class Trainer:
         transform_train = train_transform(base.preprocess)
         transform_eval = eval_transform(base.preprocess)
 
+        # Annotated images are usually photos far larger than the model input: decode them
+        # only as finely as the transforms need (JPEG DCT scaling), as serving does.
+        eval_side = resize_size(base.preprocess)
+
         def loader(
             items: Sequence[Path | bytes],
             targets: np.ndarray,
             transform: Callable,
             shuffle: bool = False,
+            min_side: int = eval_side,
         ) -> DataLoader:
-            dataset = ImageDataset(items, targets, transform)
+            dataset = ImageDataset(items, targets, transform, min_side=min_side)
             return DataLoader(
                 dataset, batch_size=s.full_batch_size, shuffle=shuffle, collate_fn=collate_skip_none
             )
@@ -432,9 +443,17 @@ class Trainer:
             f"fine-tuning on {len(train_items)} images "
             f"({len(replay_items)} replayed from offline data)",
         )
-        result = fit(
+        result = run_at_lower_priority(
+            s.train_nice,
+            fit,
             model,
-            loader(train_items, train_targets, transform_train, shuffle=True),
+            loader(
+                train_items,
+                train_targets,
+                transform_train,
+                shuffle=True,
+                min_side=train_decode_side(base.preprocess),
+            ),
             val_loader,
             pos_weight=pos_weight,
             config=OptimConfig(
@@ -699,3 +718,50 @@ def _label_space_for(
         bucket.extend(n for n in new if n not in bucket)
         known.update(new)
     return base.extended(additions) if additions else base
+
+
+_T = TypeVar("_T")
+
+
+def lower_thread_priority(increment: int) -> bool:
+    """Raise the calling thread's nice value by `increment`; False where that is not possible.
+
+    Linux schedules threads individually, and threads created afterwards by this one (torch's
+    OpenMP team) inherit the value. Raising nice needs no privilege; lowering it back does, so
+    only ever call this from a thread made for the purpose.
+    """
+    if increment <= 0 or not sys.platform.startswith("linux"):
+        return False
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(
+            os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+        )
+    except OSError as exc:
+        logger.debug("Cannot lower the training thread's priority: %s", exc)
+        return False
+    return True
+
+
+def run_at_lower_priority(increment: int, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """`fn(*args, **kwargs)` in a fresh thread niced by `increment`; its result or exception.
+
+    A fresh thread, not the trainer's own: whatever the trainer thread creates later (the ONNX
+    Runtime session of a promoted model, whose worker threads serve /predict) must keep normal
+    priority, and a thread cannot take its priority back.
+    """
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        lower_thread_priority(increment)
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="trainer-fit", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
