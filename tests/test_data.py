@@ -376,3 +376,38 @@ def test_train_transform_augments_pil_images_into_normalised_tensors() -> None:
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     # Normalised with the ImageNet statistics: roughly zero-centred, unit-ish spread.
     assert -1.0 < float(out.mean()) < 1.0 and 0.5 < float(out.std()) < 2.0
+
+
+def test_to_normalized_tensor_matches_torchvision_for_pil_and_tensor_input() -> None:
+    from torchvision.transforms import v2
+
+    from labelloop.transforms import ToNormalizedTensor, eval_transform, resize_size
+
+    config = PreprocessConfig(image_size=32)
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    reference = v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(config.mean), std=list(config.std)),
+        ]
+    )
+    ours = ToNormalizedTensor(config.mean, config.std)
+    for item in (image, v2.PILToTensor()(image)):
+        out = ours(item)
+        assert out.dtype == torch.float32 and out.shape == (3, 40, 50) and out.is_contiguous()
+        torch.testing.assert_close(out, reference(image), atol=1e-5, rtol=0)
+    # Serving's preset gives the numbers it gave with torchvision's ToDtype + Normalize.
+    torchvision_eval = v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.Resize(resize_size(config), antialias=True),
+            v2.CenterCrop(config.image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(config.mean), std=list(config.std)),
+        ]
+    )
+    torch.testing.assert_close(
+        eval_transform(config)(image), torchvision_eval(image), atol=1e-5, rtol=0
+    )
