@@ -164,3 +164,34 @@ def test_mean_average_precision_ignores_classes_without_positives() -> None:
     y_prob = np.array([[0.9, 0.1], [0.1, 0.5], [0.8, 0.2]])
     assert mean_average_precision(y_true, y_prob) == pytest.approx(1.0)
     assert np.isnan(mean_average_precision(np.zeros((2, 2)), y_prob[:2]))
+
+
+def test_checkpoints_are_serialised_in_memory_then_written(tmp_path: Path, monkeypatch) -> None:
+    """torch.save to a path holds the GIL for the whole write (a server's request threads
+    stall while a background fine-tune checkpoints); into a buffer it does not."""
+    import io
+
+    import labelloop.train as train_module
+
+    targets: list[object] = []
+    real_save = torch.save
+
+    def spy_save(obj, f, *args, **kwargs):
+        targets.append(f)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.torch, "save", spy_save)
+    loader = _toy_loaders(tmp_path)
+    fit(
+        build_model("resnet18", 2),
+        loader,
+        loader,
+        pos_weight=torch.ones(2),
+        config=OptimConfig(epochs=1, batch_size=8, patience=10, lr=1e-3),
+        device=torch.device("cpu"),
+        work_dir=tmp_path / "work",
+        show_progress=False,
+    )
+    assert len(targets) == 1 and isinstance(targets[0], io.BytesIO)
+    saved = torch.load(tmp_path / "work" / "last.pt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 1 and "model" in saved
