@@ -283,7 +283,7 @@ def render(
         a, b, c = by[(n, "a")], by[(n, "b")], by[(n, "c")]
         lines.append(
             f"| {n} | {a.f1_macro:.3f} | {b.f1_macro:.3f} | {c.f1_macro:.3f} | {a.map:.3f} | "
-            f"{c.map:.3f} | {a.seconds:.0f} s ({epochs_used[n]} ep.) | {c.seconds:.1f} s |"
+            f"{c.map:.3f} | {a.seconds:.0f} s (best epoch {epochs_used[n]}) | {c.seconds:.1f} s |"
         )
     return "\n".join(lines) + "\n"
 
