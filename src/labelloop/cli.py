@@ -365,6 +365,12 @@ def serve(
     tolerance: Annotated[
         float, typer.Option(help="Promote unless held-out macro-F1 drops by more than this.")
     ] = 0.02,
+    train_nice: Annotated[
+        int,
+        typer.Option(
+            min=0, max=19, help="CPU priority decrease (nice) of full fine-tunes vs requests."
+        ),
+    ] = 10,
     refresh: Annotated[
         bool, typer.Option(help="After a promotion, re-predict and push unlabelled tasks.")
     ] = True,
@@ -421,6 +427,7 @@ def serve(
             quiet_seconds=quiet_seconds,
             holdout_percent=holdout_percent,
             tolerance=tolerance,
+            train_nice=train_nice,
         ),
     )
     logger.info("Serving %s on http://%s:%d", settings.model_dir, settings.host, settings.port)

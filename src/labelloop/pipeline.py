@@ -50,7 +50,7 @@ from .train import (
     predict,
     resolve_device,
 )
-from .transforms import eval_transform, train_transform
+from .transforms import eval_transform, resize_size, train_decode_side, train_transform
 
 logger = logging.getLogger(__name__)
 
@@ -199,10 +199,16 @@ def _run_training(
 
     def subset(name: str, train: bool) -> ImageDataset:
         idx = splits[name]
-        transform = (
-            train_transform(config.preprocess) if train else eval_transform(config.preprocess)
-        )
-        return ImageDataset([paths[i] for i in idx], targets[idx], transform)
+        if train:
+            transform, side = (
+                train_transform(config.preprocess),
+                train_decode_side(config.preprocess),
+            )
+        else:
+            transform, side = eval_transform(config.preprocess), resize_size(config.preprocess)
+        # Large JPEGs decode at the smallest DCT scale that still covers what the transform
+        # needs, as serving and the background trainer do.
+        return ImageDataset([paths[i] for i in idx], targets[idx], transform, min_side=side)
 
     train_set = subset("train", train=True)
     sampler = (
@@ -364,7 +370,12 @@ def evaluate_model(
     targets = bundle.label_space.binarize(s.all_labels() for s in data.samples)
     device = resolve_device(device_spec)
     loader = _loader(
-        ImageDataset([s.path for s in data.samples], targets, eval_transform(bundle.preprocess)),
+        ImageDataset(
+            [s.path for s in data.samples],
+            targets,
+            eval_transform(bundle.preprocess),
+            min_side=resize_size(bundle.preprocess),
+        ),
         batch_size=batch_size,
         num_workers=0,
     )
@@ -398,7 +409,12 @@ def predict_images(
     """One row per image: probabilities, predicted labels, confidence, or the read error."""
     bundle = load_bundle(model_path)
     device = resolve_device(device_spec)
-    dataset = ImageDataset(list(images), None, eval_transform(bundle.preprocess))
+    dataset = ImageDataset(
+        list(images),
+        None,
+        eval_transform(bundle.preprocess),
+        min_side=resize_size(bundle.preprocess),
+    )
     probs, _, index, _ = predict(
         bundle.model.to(device),
         _loader(dataset, batch_size=batch_size, num_workers=0),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -389,7 +390,11 @@ def write_model_files(
     if len(thresholds) != len(label_space):
         raise StoreError(f"{len(thresholds)} thresholds for {len(label_space)} classes")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(state, directory / MODEL_FILE)
+    # Serialised in memory, then written: torch.save to a path holds the GIL for the whole
+    # write, stalling a server's request threads while the trainer publishes.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    (directory / MODEL_FILE).write_bytes(buffer.getvalue())
     write_json_atomic(directory / CLASSES_FILE, label_space.classes)
     write_json_atomic(directory / THRESHOLDS_FILE, [round(float(t), 6) for t in thresholds])
 
