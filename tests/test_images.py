@@ -701,3 +701,32 @@ def test_allow_list_limits_other_hosts_but_not_label_studio(make_fetcher: Any, s
     assert make_fetcher(allowed_hosts=("localhost",)).fetch_bytes(
         f"{other(server)}/files/y?size=10"
     ) == blob("y", 10)
+
+
+def test_cache_scans_its_folder_only_when_the_cap_may_be_exceeded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from labelloop.labelstudio import images
+
+    scans = []
+    real_scandir = os.scandir
+
+    def counting_scandir(path):  # noqa: ANN001, ANN202
+        scans.append(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(images.os, "scandir", counting_scandir)
+    cache = images._DiskCache(tmp_path, max_bytes=10_000)
+    for i in range(50):
+        cache.put(f"http://h/{i}", b"x" * 100)  # 5,000 bytes: under the cap
+    assert len(scans) == 1  # the first put counts what is there; later puts add to it
+    (tmp_path / ("f" * 64)).write_bytes(b"y" * 4_000)  # another writer, unseen until a scan
+    for i in range(50, 80):
+        cache.put(f"http://h/{i}", b"x" * 100)  # 8,000 by our count: still no scan
+    assert len(scans) == 1
+    for i in range(80, 110):
+        cache.put(f"http://h/{i}", b"x" * 100)  # passes the cap by our count: scan and evict
+    assert len(scans) >= 2
+    assert sum(p.stat().st_size for p in tmp_path.iterdir()) <= 10_000
+    assert cache.get("http://h/0") is None  # least recently used went first
+    assert cache.get("http://h/109") == b"x" * 100
