@@ -66,7 +66,12 @@ def main() -> None:
         executable = ensure_label_studio(REPO / ".venv-ls")
         images = sorted(data.images_dir.glob("*.png"))
         config = data.label_config.read_text()
-        with LabelStudioServer(executable, ls), LabelStudioClient(ls.url, ls.token) as client:
+        # Retrieve Predictions is one synchronous request: over 2,000 tasks on a slow machine it
+        # outlasts the client's default 120 s timeout.
+        with (
+            LabelStudioServer(executable, ls),
+            LabelStudioClient(ls.url, ls.token, timeout_s=900) as client,
+        ):
             for backbone in args.backbones.split(","):
                 model_dir = root / f"model-{backbone}"
                 publish_random_model(model_dir, args.input_px, backbone)
