@@ -197,3 +197,14 @@ def test_each_defect_visibly_changes_the_image(defect: str) -> None:
     # Every defect leaves a mark, and a typical one covers dozens of pixels.
     assert min(changed) >= 8, changed
     assert np.median(changed) >= 30, changed
+
+
+def test_labels_are_the_metadata_rows_by_image(small: DemoDataset) -> None:
+    labels = small.labels()
+    rows = _read_rows(small)
+    assert list(labels) == [row["image_id"] for row in rows]
+    for row in rows:
+        assert labels[row["image_id"]] == {
+            "components": _split(row["components"]),
+            "defects": _split(row["defects"]),
+        }

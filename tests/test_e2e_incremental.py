@@ -4,7 +4,6 @@ Studio. The backend is a real process, restarted once."""
 
 from __future__ import annotations
 
-import csv
 import time
 
 import httpx
@@ -20,17 +19,6 @@ pytestmark = pytest.mark.e2e
 
 N_TASKS = 100
 N_ANNOTATED = 80
-
-
-def truth(demo_dataset) -> dict[str, dict[str, list[str]]]:
-    with demo_dataset.metadata_csv.open() as handle:
-        return {
-            row["image_id"]: {
-                "components": [x for x in row["components"].split(";") if x],
-                "defects": [x for x in row["defects"].split(";") if x],
-            }
-            for row in csv.DictReader(handle)
-        }
 
 
 def result_for(labels: dict[str, list[str]]) -> list[dict]:
@@ -59,7 +47,7 @@ def world(label_studio, backend_factory, demo_dataset):
     images = sorted(demo_dataset.images_dir.glob("*.png"))[:N_TASKS]
     task_ids = client.import_files(project_id, images)
     ml = client.connect_ml_backend(project_id, backend.url, title="labelloop-incremental")
-    labels = truth(demo_dataset)
+    labels = demo_dataset.labels()
     by_task = {tid: labels[image.name] for tid, image in zip(task_ids, images, strict=True)}
     return {
         "client": client,

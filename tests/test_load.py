@@ -9,7 +9,6 @@ always promoted, and the annotations the clients post start more.
 
 from __future__ import annotations
 
-import csv
 import shutil
 import threading
 import time
@@ -42,17 +41,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS in /proc status")
-
-
-def truth(demo_dataset) -> dict[str, dict[str, list[str]]]:
-    with demo_dataset.metadata_csv.open() as handle:
-        return {
-            row["image_id"]: {
-                "components": [x for x in row["components"].split(";") if x],
-                "defects": [x for x in row["defects"].split(";") if x],
-            }
-            for row in csv.DictReader(handle)
-        }
 
 
 def image_ref(name: str) -> str:
@@ -96,7 +84,7 @@ def test_fifty_clients_during_training_and_hot_swaps(
     model_dir = tmp_path / "model"
     shutil.copytree(trained_model[0], model_dir)
     config = demo_dataset.label_config.read_text()
-    labels = truth(demo_dataset)
+    labels = demo_dataset.labels()
     names = sorted(labels)
     probe = names[:8]  # the images every prediction request is drawn from
     backend = BackendProcess(

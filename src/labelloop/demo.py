@@ -59,6 +59,16 @@ class DemoDataset:
     label_config: Path
     n_images: int
 
+    def labels(self) -> dict[str, dict[str, list[str]]]:
+        """The ground truth: image file name -> label group -> the labels it shows."""
+        with self.metadata_csv.open(newline="", encoding="utf-8") as handle:
+            return {
+                row["image_id"]: {
+                    group: [x for x in row[group].split(";") if x] for group in LABEL_GROUPS
+                }
+                for row in csv.DictReader(handle)
+            }
+
 
 @dataclass(frozen=True)
 class _Part:
