@@ -14,7 +14,7 @@ import io
 import logging
 import threading
 import warnings
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 Runtime = Literal["auto", "onnxruntime", "torch"]
-RUNTIMES: tuple[str, ...] = ("auto", "onnxruntime", "torch")
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
 
 # Largest probability difference from PyTorch that still counts as the same model: float32
 # kernels of both runtimes differ by ~1e-6 in logits on ResNet18; 1e-4 leaves margin for deeper

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from ..config import ConfigError
+from ..inference import Runtime
 
 
 class ServeSettings(BaseModel):
@@ -44,7 +44,7 @@ class ServeSettings(BaseModel):
     allowed_image_hosts: tuple[str, ...] | None = None
     # Where forward passes run (labelloop.inference): auto = CUDA if present, else ONNX Runtime
     # when it reproduces PyTorch's outputs, else PyTorch.
-    runtime: Literal["auto", "onnxruntime", "torch"] = "auto"
+    runtime: Runtime = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:
