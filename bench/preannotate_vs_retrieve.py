@@ -110,7 +110,11 @@ def compare(
 
     settings = settings_from(
         {"model_dir": model_dir},
-        {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token},
+        {
+            "LABEL_STUDIO_URL": ls.url,
+            "LABEL_STUDIO_API_KEY": ls.token,
+            "LABEL_STUDIO_BASE_DATA_DIR": str(ls.data_dir),
+        },
     )
     fetchers = FetcherRegistry(settings)
     holder = ModelHolder.from_path(model_dir, runtime=settings.runtime)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections import Counter
 
+import httpx
 import pytest
 
 from labelloop.store import ModelStore
@@ -29,7 +30,7 @@ def project(label_studio, demo_dataset, trained_model, tmp_path_factory):
     return {"id": pid, "model_dir": model_dir, "server": server, "client": client}
 
 
-def run(project, *args: str) -> tuple[int, int]:
+def run(project, *args: str, read_uploads_from_disk: bool = False) -> tuple[int, int]:
     server = project["server"]
     env = dict(
         os.environ,
@@ -37,6 +38,9 @@ def run(project, *args: str) -> tuple[int, int]:
         LABEL_STUDIO_API_KEY=server.settings.token,
         LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=str(server.settings.document_root),
     )
+    env.pop("LABEL_STUDIO_BASE_DATA_DIR", None)
+    if read_uploads_from_disk:
+        env["LABEL_STUDIO_BASE_DATA_DIR"] = str(server.settings.data_dir)
     done = subprocess.run(
         [
             sys.executable,
@@ -62,11 +66,23 @@ def run(project, *args: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+def uploads_served(project) -> int:
+    """How many uploaded files Label Studio has served so far (from its request log)."""
+    log = project["server"].log_file.read_text(errors="replace").splitlines()
+    # Label Studio writes every request line twice (two handlers), timestamp included.
+    return len({line for line in log if re.search(r'"GET /data/upload/\S+ HTTP/[\d.]+" 200', line)})
+
+
 def test_preannotate_resumes_and_never_duplicates(project) -> None:
     client, pid = project["client"], project["id"]
     version = ModelStore(project["model_dir"]).current_version()
+    served = uploads_served(project)
     assert run(project, "--limit", "100") == (100, 0)  # an interrupted run
-    assert run(project) == (140, 100)  # resumes where it stopped
+    assert uploads_served(project) - served == 100  # downloaded through Label Studio
+    served = uploads_served(project)
+    # Resumes where it stopped, reading the uploads from Label Studio's data directory.
+    assert run(project, read_uploads_from_disk=True) == (140, 100)
+    assert uploads_served(project) == served
     assert run(project) == (0, 240)  # nothing left to do
     predictions = client.predictions(project_id=pid)
     per_task = Counter(p["task"] for p in predictions if p["model_version"] == version)
@@ -88,8 +104,11 @@ def test_preannotate_all_replaces_instead_of_duplicating(project) -> None:
     assert run(project, "--all", "--limit", "30") == (30, 0)  # replaced one by one
     assert set(current_ids().values()) == {1} and len(current_ids()) == 240
     assert len(before - {p["id"] for p in client.predictions(project_id=pid)}) == 30
+    client.update_project(pid, model_version=version)  # the live version, as a rename sets it
     assert run(project, "--all") == (240, 0)  # replaced with one bulk delete
     assert set(current_ids().values()) == {1} and len(current_ids()) == 240
+    # Label Studio clears the live version on a bulk delete of its predictions; it is restored.
+    assert client.get_project(pid)["model_version"] == version
     assert not before & {p["id"] for p in client.predictions(project_id=pid)}
 
 
@@ -113,3 +132,25 @@ def test_preannotate_without_credentials_is_a_clear_error(project) -> None:
     )
     assert done.returncode == 2
     assert "LABEL_STUDIO_URL" in done.stderr + done.stdout
+
+
+def test_preannotate_never_makes_label_studio_call_the_backend(
+    project, demo_dataset, backend
+) -> None:
+    """With "retrieve predictions automatically" on, listing tasks through the Data Manager makes
+    Label Studio call every connected backend for tasks without a prediction; pre-annotation
+    must read the tasks another way."""
+    client = project["client"]
+    pid = client.create_project("e2e preannotate auto", demo_dataset.label_config.read_text())["id"]
+    client.import_files(pid, sorted(demo_dataset.images_dir.glob("*.png"))[:40])
+    client.connect_ml_backend(pid, backend.url)
+    client.update_project(pid, evaluate_predictions_automatically=True)
+
+    def tasks_the_backend_predicted() -> int:
+        return int(httpx.get(f"{backend.url}/metrics", timeout=10).json()["predict"]["tasks"])
+
+    assert run({**project, "id": pid}, "--limit", "20") == (20, 0)
+    assert tasks_the_backend_predicted() == 0
+    # The premise: a Data Manager listing does call the backend for the 20 unpredicted tasks.
+    client.list_tasks(pid, include=("id",))
+    assert tasks_the_backend_predicted() == 20

@@ -283,6 +283,58 @@ def test_local_files_on_another_host_are_not_read_from_disk(tmp_path: Path) -> N
     assert source == ResolvedSource("http", url, False)
 
 
+def _upload_on_disk(data_dir: Path, name: str = "a1b2c3d4-a b.jpg") -> Path:
+    path = data_dir / "media" / "upload" / "3" / name
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"uploaded")
+    return path
+
+
+@pytest.mark.parametrize("prefix", ["", LS])
+def test_uploads_read_from_label_studio_data_dir(tmp_path: Path, prefix: str) -> None:
+    path = _upload_on_disk(tmp_path)
+    source = resolve_url(
+        f"{prefix}/data/upload/3/a1b2c3d4-a%20b.jpg", _settings(label_studio_data_dir=tmp_path)
+    )
+    assert source == ResolvedSource("local_file", str(path.resolve()), False)
+
+
+def test_upload_missing_from_data_dir_is_downloaded(tmp_path: Path) -> None:
+    _upload_on_disk(tmp_path)
+    source = resolve_url("/data/upload/3/other.jpg", _settings(label_studio_data_dir=tmp_path))
+    assert source == ResolvedSource("http", f"{LS}/data/upload/3/other.jpg", True)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://elsewhere.example/data/upload/3/a1b2c3d4-a%20b.jpg",  # another Label Studio
+        "/data/avatars/3/a1b2c3d4-a%20b.jpg",  # media, but not an upload
+        "/static/upload/3/a1b2c3d4-a%20b.jpg",
+    ],
+)
+def test_only_label_studio_uploads_are_read_from_data_dir(tmp_path: Path, url: str) -> None:
+    _upload_on_disk(tmp_path)
+    assert resolve_url(url, _settings(label_studio_data_dir=tmp_path)).kind == "http"
+
+
+def test_upload_path_under_a_label_studio_sub_path(tmp_path: Path) -> None:
+    path = _upload_on_disk(tmp_path)
+    settings = _settings(label_studio_url=f"{LS}/ls/", label_studio_data_dir=tmp_path)
+    assert resolve_url("/ls/data/upload/3/a1b2c3d4-a%20b.jpg", settings).kind == "http"
+    assert resolve_url(f"{LS}/ls/data/upload/3/a1b2c3d4-a%20b.jpg", settings).location == str(
+        path.resolve()
+    )
+
+
+def test_upload_escaping_the_media_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "secret.txt").write_bytes(b"secret")
+    with pytest.raises(ImageFetchError, match="refusing local file"):
+        resolve_url(
+            "/data/upload/%2E%2E/%2E%2E/secret.txt", _settings(label_studio_data_dir=tmp_path)
+        )
+
+
 @pytest.mark.parametrize("d", ["../secret.png", "dir/../../secret.png", "/etc/passwd", ""])
 def test_local_files_outside_the_root_are_refused(tmp_path: Path, d: str) -> None:
     with pytest.raises(ImageFetchError, match="refusing local file"):
@@ -297,7 +349,9 @@ def test_symlink_escaping_the_root_is_refused(tmp_path: Path) -> None:
     (root / "escape.png").symlink_to(tmp_path / "secret.png")
     (root / "alias.png").symlink_to(root / "inside.png")
     settings = _settings(document_root=root)
-    with pytest.raises(ImageFetchError, match="outside the document root"):
+    with pytest.raises(
+        ImageFetchError, match="resolves outside .*LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"
+    ):
         resolve_url("/data/local-files/?d=escape.png", settings)
     # A link that stays inside the root is fine.
     assert resolve_url("/data/local-files/?d=alias.png", settings).location == str(
@@ -454,6 +508,15 @@ def test_local_file_is_read_from_the_document_root(make_fetcher: Any, tmp_path: 
     assert list(cache.iterdir()) == []  # local files are not cached
     with pytest.raises(ImageFetchError, match="LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"):
         fetcher.fetch_bytes("/data/local-files/?d=dir/missing.png")
+
+
+def test_upload_is_read_from_label_studio_data_dir(make_fetcher: Any, tmp_path: Path) -> None:
+    _upload_on_disk(tmp_path, "a.png")
+    fetcher = make_fetcher(label_studio_data_dir=tmp_path)
+    assert fetcher.fetch_bytes("/data/upload/3/a.png") == b"uploaded"
+    assert SEEN.requests == []
+    assert fetcher.fetch_bytes("/data/upload/3/b.png") == b"upload:3/b.png"  # not on disk
+    assert len(SEEN.requests) == 1
 
 
 def test_local_file_over_the_size_limit_is_refused(make_fetcher: Any, tmp_path: Path) -> None:

@@ -131,6 +131,7 @@ def backend_in_thread(model_dir: Path, ls: LabelStudioSettings, *, port: int) ->
             "LABEL_STUDIO_URL": ls.url,
             "LABEL_STUDIO_API_KEY": ls.token,
             "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(ls.document_root),
+            "LABEL_STUDIO_BASE_DATA_DIR": str(ls.data_dir),
         },
     )
     with serve_in_thread(build_app(settings), port=port, start_timeout_s=60) as url:

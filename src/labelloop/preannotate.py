@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +23,8 @@ from .labelstudio.protocol import Task, TaskPrediction
 from .serve.predictor import Predictor
 
 logger = logging.getLogger(__name__)
+
+_LIST_PAGE = 500
 
 
 @dataclass
@@ -63,26 +65,41 @@ class Work:
 
 def tasks_to_predict(
     client: LabelStudioClient,
-    project_id: int,
+    project: Mapping[str, Any],
     model_version: str,
     *,
     missing_only: bool,
     unlabelled_only: bool = False,
     limit: int | None = None,
 ) -> Work:
-    """The project's tasks that need a prediction, and the predictions they replace.
-
-    Tasks come from the project export, not the Data Manager list, because listing tasks with
-    "retrieve predictions automatically" on makes Label Studio call the backend for every page.
-    """
-    tasks = client.export_tasks(project_id)
+    """The tasks of ``project`` (as Label Studio returns it) that need a prediction, and the
+    predictions they replace."""
+    project_id = int(project["id"])
+    if project.get("evaluate_predictions_automatically"):
+        # Listing through the Data Manager would make Label Studio call the backend for every
+        # page of tasks without a prediction; the export never does, but is ~7x slower.
+        tasks = [
+            {"id": t["id"], "data": t.get("data") or {}, "labelled": _labelled(t)}
+            for t in client.export_tasks(project_id)
+        ]
+    else:
+        tasks = [
+            {
+                "id": t["id"],
+                "data": t.get("data") or {},
+                "labelled": bool(t.get("total_annotations")),
+            }
+            for t in client.list_tasks(
+                project_id, page_size=_LIST_PAGE, include=("id", "data", "total_annotations")
+            )
+        ]
     current: dict[int, list[int]] = defaultdict(list)
     for prediction in client.predictions(project_id=project_id):
         if prediction.get("model_version") == model_version:
             current[int(prediction["task"])].append(int(prediction["id"]))
     skip: set[int] = set(current) if missing_only else set()
     if unlabelled_only:
-        skip |= {int(t["id"]) for t in tasks if t.get("annotations")}
+        skip |= {int(t["id"]) for t in tasks if t["labelled"]}
     wanted = [t for t in tasks if int(t["id"]) not in skip]
     skipped = len(tasks) - len(wanted)  # by the filters; tasks past `limit` are not "skipped"
     if limit is not None:
@@ -95,6 +112,12 @@ def tasks_to_predict(
         replaced=replaced,
         replaces_whole_version=bool(replaced) and len(replaced) == len(current),
     )
+
+
+def _labelled(exported_task: Mapping[str, Any]) -> bool:
+    """Whether an exported task has an annotation that was not a skip (what the Data Manager
+    counts as ``total_annotations``)."""
+    return any(not a.get("was_cancelled") for a in exported_task.get("annotations") or [])
 
 
 def preannotate(
@@ -115,10 +138,10 @@ def preannotate(
     if model is None:
         raise RuntimeError("no model to pre-annotate with: train one first")
     started = time.perf_counter()
-    label_config = client.get_project(project_id)["label_config"]
+    project = client.get_project(project_id)
     work = tasks_to_predict(
         client,
-        project_id,
+        project,
         model.version,
         missing_only=missing_only,
         unlabelled_only=unlabelled_only,
@@ -132,6 +155,11 @@ def preannotate(
         deleted = client.delete_version_predictions(project_id, model.version)
         logger.info("Deleted %d predictions of %s to replace them", deleted, model.version)
         work.replaced.clear()
+    # Label Studio forgets the live version when its predictions are deleted in bulk, which
+    # would empty the *Prediction score* column; it is restored once the new ones are stored.
+    restore_live_version = work.replaces_whole_version and (
+        project.get("model_version") == model.version
+    )
     summary.list_seconds = time.perf_counter() - started
     # Pushing a batch overlaps predicting the next; one pusher keeps them in order.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="push") as pusher:
@@ -144,7 +172,7 @@ def preannotate(
                 Task(id=t["id"], data=t.get("data") or {})
                 for t in tasks[start : start + batch_size]
             ]
-            results, stats = predictor.predict(chunk, label_config, fetcher, model=model)
+            results, stats = predictor.predict(chunk, project["label_config"], fetcher, model=model)
             summary.failed.update(stats.failed)
             summary.forward_seconds += stats.forward_seconds
             payload = [
@@ -160,6 +188,8 @@ def preannotate(
                 progress(min(start + batch_size, len(tasks)), len(tasks))
         for push in pushes:
             push.result()  # a failed push fails the run: what was pushed before it stays
+    if restore_live_version and summary.predicted:
+        client.update_project(project_id, model_version=model.version)
     summary.seconds = time.perf_counter() - started
     logger.info(
         "Pre-annotated project %d with %s: %d predicted, %d skipped, %d failed in %.1f s%s",

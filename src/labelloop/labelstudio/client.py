@@ -369,31 +369,41 @@ class LabelStudioClient:
         self._request("DELETE", f"/api/predictions/{prediction_id}/")
 
     def delete_version_predictions(self, project_id: int, model_version: str) -> int:
-        """Delete every prediction of `model_version` in the project in one call."""
+        """Delete every prediction of `model_version` in the project in one call; returns how
+        many were deleted.
+
+        Label Studio also clears the project's live model version when it is this one.
+        """
         reply = self._json(
             "DELETE",
             f"/api/projects/{project_id}/model-versions/",
             json={"model_version": model_version},
         )
-        return int(reply) if isinstance(reply, int) else 0
+        count = reply.get("deleted_predictions") if isinstance(reply, dict) else reply
+        return int(count) if isinstance(count, int) else 0
 
     # ------------------------------------------------------------------ tasks / annotations
 
-    def list_tasks(self, project_id: int, *, page_size: int = 100) -> list[dict[str, Any]]:
-        """All tasks of a project, with annotations and predictions (``fields=all``)."""
+    def list_tasks(
+        self, project_id: int, *, page_size: int = 100, include: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """All tasks of a project through the Data Manager: with annotations and predictions
+        (``fields=all``), or only the ``include`` fields (much faster: 2,000 tasks with
+        ``id,data`` take ~1 s where the export takes ~7 s).
+
+        If the project has "retrieve predictions automatically" on, Label Studio asks the ML
+        backends for every listed task without a prediction. Keep ``page_size`` at most 500:
+        SQLite refuses larger pages.
+        """
         tasks: list[dict[str, Any]] = []
+        fields = {"include": ",".join(include)} if include else {"fields": "all"}
         page = 1
         while True:
             try:
                 reply = self._json(
                     "GET",
                     "/api/tasks/",
-                    params={
-                        "project": project_id,
-                        "page": page,
-                        "page_size": page_size,
-                        "fields": "all",
-                    },
+                    params={"project": project_id, "page": page, "page_size": page_size, **fields},
                 )
             except LabelStudioAPIError as exc:
                 if exc.status == 404 and page > 1:  # DRF: "Invalid page." past the end

@@ -1,12 +1,14 @@
 """Fetch and decode task images from wherever Label Studio says they are.
 
 Task data carries image URLs in a few forms (see docs/label-studio-protocol.md):
-``/data/upload/...`` relative to Label Studio, ``.../data/local-files/?d=<path>`` for local
-storage, plain ``http(s)://`` URLs, and cloud URIs (``s3://``, ``gs://``, ``azure-blob://``)
-that Label Studio turns into signed URLs through its presign endpoint. :func:`resolve_url`
-decides where to read each one from and whether it may carry the API token;
-:class:`ImageFetcher` downloads (or reads) the bytes with size, time and redirect limits and an
-optional LRU disk cache; :func:`decode_image` turns them into an RGB image.
+``/data/upload/...`` relative to Label Studio (files uploaded through its import dialog),
+``.../data/local-files/?d=<path>`` for local storage, plain ``http(s)://`` URLs, and cloud URIs
+(``s3://``, ``gs://``, ``azure-blob://``) that Label Studio turns into signed URLs through its
+presign endpoint. :func:`resolve_url` decides where to read each one from and whether it may
+carry the API token: straight from disk for local storage and, when Label Studio's data
+directory is on this machine, for uploads. :class:`ImageFetcher` downloads (or reads) the bytes
+with size, time and redirect limits and an optional LRU disk cache; :func:`decode_image` turns
+them into an RGB image.
 
 The API token only ever goes to Label Studio itself (same scheme, host and port as
 LABEL_STUDIO_URL), on every hop of a redirect chain: signed cloud URLs and other hosts never
@@ -30,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -53,6 +55,10 @@ _STORAGE_SCHEMES = frozenset({"s3", "gs", "azure-blob"})
 _HTTP_SCHEMES = frozenset({"http", "https"})
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _LOCAL_FILES_PATH = "/data/local-files"
+# Label Studio serves MEDIA_ROOT (<LABEL_STUDIO_BASE_DATA_DIR>/media) under /data/; uploads live
+# in its upload/<project>/ folder.
+_MEDIA_URL_PATH = "/data/"
+_UPLOAD_PREFIX = "upload/"
 # Query keys that are safe to show in messages; any other query (e.g. the signature of a
 # presigned URL) is hidden.
 _SAFE_QUERY_KEYS = frozenset({"d", "fileuri"})
@@ -76,6 +82,9 @@ class FetchSettings:
 
     label_studio_url: str | None  # LABEL_STUDIO_URL, or the hostname /setup sent
     document_root: Path | None = None  # LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT
+    # LABEL_STUDIO_BASE_DATA_DIR of a Label Studio on this machine: uploads are read from its
+    # media folder instead of being downloaded (Label Studio spends ~25 ms of CPU serving each).
+    label_studio_data_dir: Path | None = None
     cache_dir: Path | None = None
     cache_max_bytes: int = 512 * _MIB
     max_image_bytes: int = 50 * _MIB
@@ -199,21 +208,34 @@ def _local_files_path(url: str) -> str | None:
     return values[0] if values else None
 
 
-def _confined_path(document_root: Path, relative: str) -> Path:
-    """``document_root / relative``, refusing anything that would read outside the root."""
+def _upload_path(url: str, base: str) -> str | None:
+    """For a Label Studio upload URL, its path under the media folder (``upload/<project>/…``),
+    else None. ``base`` may carry a path prefix (Label Studio behind a sub-path)."""
+    path = urlsplit(url).path
+    prefix = urlsplit(base).path.rstrip("/") + _MEDIA_URL_PATH
+    if not path.startswith(prefix):
+        return None
+    relative = unquote(path[len(prefix) :])
+    return relative if relative.startswith(_UPLOAD_PREFIX) else None
+
+
+def _confined_path(
+    root_dir: Path, relative: str, *, setting: str = "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"
+) -> Path:
+    """``root_dir / relative``, refusing anything that would read outside the root."""
     pure = PurePosixPath(relative)
     if not relative or "\x00" in relative or pure.is_absolute() or ".." in pure.parts:
         raise ImageFetchError(
-            f"refusing local file {relative!r}: local-files paths must be relative to "
-            "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT and must not contain '..'"
+            f"refusing local file {relative!r}: paths must be relative to {setting} and must "
+            "not contain '..'"
         )
-    root = document_root.resolve()
+    root = root_dir.resolve()
     # resolve() follows symlinks, so a link inside the root that points outside is caught here.
     path = (root / pure).resolve()
     if not path.is_relative_to(root):
         raise ImageFetchError(
-            f"refusing local file {relative!r}: it resolves outside the document root {root} "
-            "(through a symlink)"
+            f"refusing local file {relative!r}: it resolves outside {root} ({setting}) "
+            "through a symlink"
         )
     return path
 
@@ -236,8 +258,10 @@ def _presign_source(uri: str, base: str | None, task_id: int | None) -> Resolved
 def resolve_url(url: str, settings: FetchSettings, *, task_id: int | None = None) -> ResolvedSource:
     """Decide where to read ``url`` from and whether the API token may go with it.
 
-    Touches the filesystem only to resolve symlinks under the document root. Raises
-    ImageFetchError for URLs that cannot or must not be fetched.
+    Touches the filesystem only to resolve symlinks under the document root and to see whether
+    an upload is in Label Studio's data directory (if it is not there, e.g. a data directory of
+    another instance, the upload is downloaded as usual). Raises ImageFetchError for URLs that
+    cannot or must not be fetched.
     """
     url = url.strip()
     try:
@@ -270,6 +294,17 @@ def resolve_url(url: str, settings: FetchSettings, *, task_id: int | None = None
         if relative is not None:
             path = _confined_path(settings.document_root, relative)
             return ResolvedSource("local_file", str(path), False)
+    if on_label_studio and settings.label_studio_data_dir is not None and base is not None:
+        relative = _upload_path(absolute, base)
+        if relative is not None:
+            path = _confined_path(
+                settings.label_studio_data_dir / "media",
+                relative,
+                setting="LABEL_STUDIO_BASE_DATA_DIR/media",
+            )
+            if path.is_file():
+                return ResolvedSource("local_file", str(path), False)
+            logger.debug("upload %s is not under %s: downloading it", _display(url), path)
     return ResolvedSource("http", absolute, on_label_studio)
 
 

@@ -156,6 +156,7 @@ class FetcherRegistry:
                     FetchSettings(
                         label_studio_url=url,
                         document_root=s.document_root,
+                        label_studio_data_dir=s.label_studio_data_dir,
                         cache_dir=s.cache_dir,
                         cache_max_bytes=s.cache_max_mb * 1024 * 1024,
                         timeout_s=s.fetch_timeout_s,

@@ -24,6 +24,9 @@ class ServeSettings(BaseModel):
     basic_auth_user: str | None = None
     basic_auth_pass: SecretStr | None = None
     document_root: Path | None = None
+    # Label Studio's own data directory, when it runs on this machine: uploads are read from its
+    # media folder instead of downloaded through Label Studio.
+    label_studio_data_dir: Path | None = None
     cache_dir: Path | None = None
     cache_max_mb: int = Field(512, ge=0)
     batch_size: int = Field(16, ge=1, le=512)
@@ -75,6 +78,7 @@ ENV_NAMES = {
     "basic_auth_user": "BASIC_AUTH_USER",
     "basic_auth_pass": "BASIC_AUTH_PASS",
     "document_root": "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT",
+    "label_studio_data_dir": "LABEL_STUDIO_BASE_DATA_DIR",
     "cache_dir": "LABELLOOP_CACHE_DIR",
     "log_level": "LOG_LEVEL",
     "public_url": "LABELLOOP_PUBLIC_URL",
