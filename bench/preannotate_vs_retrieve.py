@@ -1,9 +1,12 @@
 """Benchmark: Label Studio's *Retrieve Predictions* versus `labelloop preannotate`, same tasks.
 
 Boots a real Label Studio (the test tooling's venv), makes two projects holding the same N
-uploaded demo images per backbone, serves that backbone (random init: speed does not depend on
-the weights), then times *Retrieve Predictions* over every task of project A and a
-pre-annotation run over project B. Appends a dated section to docs/benchmarks.md.
+uploaded demo images per backbone and way of reading them, serves that backbone (random init:
+speed does not depend on the weights), then times *Retrieve Predictions* over every task of
+project A and a pre-annotation run over project B. Both paths read the uploads the same way:
+from Label Studio's data directory (`disk`, LABEL_STUDIO_BASE_DATA_DIR, as when the backend runs
+on Label Studio's machine) or downloaded from Label Studio (`http`). Appends a dated section to
+docs/benchmarks.md.
 
     .venv/bin/python bench/preannotate_vs_retrieve.py --tasks 2000
 """
@@ -33,10 +36,13 @@ from labelloop.serve.app import FetcherRegistry
 from labelloop.serve.predictor import ModelHolder, Predictor
 from labelloop.serve.settings import settings_from
 
+READS = {"disk": "from disk", "http": "downloaded"}
+
 
 @dataclass
 class Row:
     backbone: str
+    reads: str
     retrieve_s: float
     stored: int
     summary: PreannotateSummary
@@ -53,6 +59,7 @@ def main() -> None:
     parser.add_argument("--image-px", type=int, default=128)
     parser.add_argument("--input-px", type=int, default=112)
     parser.add_argument("--backbones", default="resnet18,mobilenet_v2")
+    parser.add_argument("--reads", default="disk,http", help="disk, http or both")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     rows: list[Row] = []
@@ -75,13 +82,15 @@ def main() -> None:
             for backbone in args.backbones.split(","):
                 model_dir = root / f"model-{backbone}"
                 publish_random_model(model_dir, args.input_px, backbone)
-                rows.append(compare(client, ls, model_dir, backbone, images, config))
-                print(rows[-1].backbone, rows[-1].summary.to_dict())
-                print(
-                    f"{backbone}: Retrieve Predictions {rows[-1].retrieve_s:.1f} s "
-                    f"({rows[-1].stored} stored); preannotate {rows[-1].summary.seconds:.1f} s "
-                    f"({rows[-1].summary.predicted} stored); {rows[-1].ratio:.1f}x"
-                )
+                for reads in args.reads.split(","):
+                    row = compare(client, ls, model_dir, backbone, reads, images, config)
+                    rows.append(row)
+                    print(row.backbone, row.reads, row.summary.to_dict())
+                    print(
+                        f"{backbone}, {reads}: Retrieve Predictions {row.retrieve_s:.1f} s "
+                        f"({row.stored} stored); preannotate {row.summary.seconds:.1f} s "
+                        f"({row.summary.predicted} stored); {row.ratio:.1f}x"
+                    )
     if not args.no_record:
         append_section(report(rows, args))
 
@@ -91,31 +100,29 @@ def compare(
     ls: LabelStudioSettings,
     model_dir: Path,
     backbone: str,
+    reads: str,
     images: list[Path],
     config: str,
 ) -> Row:
     """Two fresh projects of the same images: Retrieve Predictions on one, preannotate on the
-    other, both served by the same model folder."""
+    other, both served by the same model folder and reading the uploads the same way."""
     projects = []
     for title in ("retrieve", "preannotate"):
-        pid = client.create_project(f"bench {backbone} {title}", config)["id"]
+        pid = client.create_project(f"bench {backbone} {reads} {title}", config)["id"]
         client.import_files(pid, images)
         projects.append(pid)
-    with backend_in_thread(model_dir, ls, port=free_port()) as url:
+    from_disk = reads == "disk"
+    with backend_in_thread(model_dir, ls, port=free_port(), uploads_from_disk=from_disk) as url:
         client.connect_ml_backend(projects[0], url, title="bench", timeout_s=100)
         started = time.perf_counter()
         client.retrieve_predictions(projects[0])
         retrieve_s = time.perf_counter() - started
         stored = len(client.predictions(project_id=projects[0]))
 
-    settings = settings_from(
-        {"model_dir": model_dir},
-        {
-            "LABEL_STUDIO_URL": ls.url,
-            "LABEL_STUDIO_API_KEY": ls.token,
-            "LABEL_STUDIO_BASE_DATA_DIR": str(ls.data_dir),
-        },
-    )
+    env = {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token}
+    if from_disk:
+        env["LABEL_STUDIO_BASE_DATA_DIR"] = str(ls.data_dir)
+    settings = settings_from({"model_dir": model_dir}, env)
     fetchers = FetcherRegistry(settings)
     holder = ModelHolder.from_path(model_dir, runtime=settings.runtime)
     predictor = Predictor(holder, batch_size=settings.batch_size, workers=settings.fetch_workers)
@@ -125,7 +132,7 @@ def compare(
         predictor.close()
         fetchers.close()
     runtime = holder.current.runner.name if holder.current else "?"
-    return Row(backbone, retrieve_s, stored, summary, runtime)
+    return Row(backbone, reads, retrieve_s, stored, summary, runtime)
 
 
 def report(rows: list[Row], args: argparse.Namespace) -> str:
@@ -134,20 +141,23 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
         f"Machine: {machine()}. {args.tasks} uploaded demo images ({args.image_px} px PNG), "
         f"models at {args.input_px} px, Label Studio 1.23.2 (SQLite) on the same machine; each "
         "row uses two fresh projects of the same images.\n\n"
-        "| backbone (runtime) | *Retrieve Predictions* | `labelloop preannotate` | speed-up | "
-        "preannotate: listing / forward passes |\n|---|---|---|---|---|\n"
+        "| backbone (runtime) | uploads read | *Retrieve Predictions* | `labelloop preannotate` "
+        "| speed-up | preannotate: listing / forward passes |\n|---|---|---|---|---|---|\n"
     ]
     for row in rows:
         s = row.summary
         lines.append(
-            f"| {row.backbone} ({row.runtime}) | {row.retrieve_s:.1f} s ({row.stored} stored) | "
+            f"| {row.backbone} ({row.runtime}) | {READS[row.reads]} | "
+            f"{row.retrieve_s:.1f} s ({row.stored} stored) | "
             f"{s.seconds:.1f} s ({s.predicted} stored) | **{row.ratio:.1f}x** | "
             f"{s.list_seconds:.1f} s / {s.forward_seconds:.1f} s |\n"
         )
     lines.append(
         "\nTarget: preannotate ≥ 5x faster end to end. *Retrieve Predictions* pays Label "
         "Studio's own per-task cost whatever the backend does; preannotate's floor is listing "
-        "plus the forward passes.\n"
+        "plus the forward passes. *From disk*: the backend runs on Label Studio's machine with "
+        "LABEL_STUDIO_BASE_DATA_DIR set; *downloaded*: it fetches every upload from Label "
+        "Studio, which costs Label Studio CPU on the same cores.\n"
     )
     return "".join(lines)
 

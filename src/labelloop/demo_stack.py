@@ -123,17 +123,22 @@ class DemoReady:
 
 
 @contextmanager
-def backend_in_thread(model_dir: Path, ls: LabelStudioSettings, *, port: int) -> Iterator[str]:
-    """Our server (with its background trainer) in this process, for Label Studio to call."""
-    settings = settings_from(
-        {"model_dir": model_dir, "port": port},
-        {
-            "LABEL_STUDIO_URL": ls.url,
-            "LABEL_STUDIO_API_KEY": ls.token,
-            "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(ls.document_root),
-            "LABEL_STUDIO_BASE_DATA_DIR": str(ls.data_dir),
-        },
-    )
+def backend_in_thread(
+    model_dir: Path, ls: LabelStudioSettings, *, port: int, uploads_from_disk: bool = True
+) -> Iterator[str]:
+    """Our server (with its background trainer) in this process, for Label Studio to call.
+
+    It shares the machine with Label Studio, so it reads local files and (unless
+    `uploads_from_disk` is False) uploads straight from Label Studio's folders.
+    """
+    env = {
+        "LABEL_STUDIO_URL": ls.url,
+        "LABEL_STUDIO_API_KEY": ls.token,
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(ls.document_root),
+    }
+    if uploads_from_disk:
+        env["LABEL_STUDIO_BASE_DATA_DIR"] = str(ls.data_dir)
+    settings = settings_from({"model_dir": model_dir, "port": port}, env)
     with serve_in_thread(build_app(settings), port=port, start_timeout_s=60) as url:
         yield url
 
