@@ -1,0 +1,116 @@
+"""Which tasks pre-annotation predicts: the same answer whichever way the tasks are listed.
+
+A fake client stands in for Label Studio here (the real one is exercised end to end in
+test_e2e_preannotate.py); it serves one project state both as the JSON export and as a Data
+Manager listing, the two shapes Label Studio 1.23 answers with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from labelloop.preannotate import tasks_to_predict
+
+VERSION = "v2-20261201T000000"
+
+# id -> (annotations as exported, predictions' model versions)
+STATE: dict[int, tuple[list[dict[str, Any]], list[str]]] = {
+    1: ([], []),
+    2: ([{"id": 10, "was_cancelled": False}], []),  # labelled
+    3: ([{"id": 11, "was_cancelled": True}], []),  # skipped only: still unlabelled
+    4: ([], [VERSION]),  # already has the current version
+    5: ([], ["v1-20261101T000000"]),  # only an older version
+    6: ([{"id": 12, "was_cancelled": False}], [VERSION, VERSION]),
+}
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def export_tasks(self, project_id: int) -> list[dict[str, Any]]:
+        self.calls.append("export")
+        return [
+            {"id": i, "data": {"image": f"/data/upload/1/{i}.png"}, "annotations": annotations}
+            for i, (annotations, _) in STATE.items()
+        ]
+
+    def list_tasks(
+        self, project_id: int, *, page_size: int = 100, include: tuple[str, ...] | None = None
+    ) -> list[dict[str, Any]]:
+        self.calls.append("list")
+        assert include is not None and "total_annotations" in include
+        assert page_size <= 500  # SQLite refuses larger Data Manager pages
+        return [
+            {
+                "id": i,
+                "data": {"image": f"/data/upload/1/{i}.png"},
+                "total_annotations": sum(not a["was_cancelled"] for a in annotations),
+            }
+            for i, (annotations, _) in STATE.items()
+        ]
+
+    def predictions(self, *, project_id: int) -> list[dict[str, Any]]:
+        ids = iter(range(100, 200))
+        return [
+            {"id": next(ids), "task": i, "model_version": version}
+            for i, (_, versions) in STATE.items()
+            for version in versions
+        ]
+
+
+def project(*, evaluates_automatically: bool) -> dict[str, Any]:
+    return {"id": 1, "evaluate_predictions_automatically": evaluates_automatically}
+
+
+@pytest.mark.parametrize(
+    ("evaluates_automatically", "listed_by"), [(True, "export"), (False, "list")]
+)
+@pytest.mark.parametrize(
+    ("missing_only", "unlabelled_only", "wanted", "replaced"),
+    [
+        (True, False, [1, 2, 3, 5], {}),
+        (True, True, [1, 3, 5], {}),
+        (False, False, [1, 2, 3, 4, 5, 6], {4: [100], 6: [102, 103]}),
+        (False, True, [1, 3, 4, 5], {4: [100]}),
+    ],
+)
+def test_same_work_whichever_way_tasks_are_listed(
+    evaluates_automatically: bool,
+    listed_by: str,
+    missing_only: bool,
+    unlabelled_only: bool,
+    wanted: list[int],
+    replaced: dict[int, list[int]],
+) -> None:
+    client = FakeClient()
+    work = tasks_to_predict(
+        client,  # type: ignore[arg-type]
+        project(evaluates_automatically=evaluates_automatically),
+        VERSION,
+        missing_only=missing_only,
+        unlabelled_only=unlabelled_only,
+    )
+    # With "retrieve predictions automatically" on, a Data Manager listing would make Label
+    # Studio call the backend: only the export may be used then.
+    assert client.calls == [listed_by]
+    assert [t["id"] for t in work.tasks] == wanted
+    assert all(t["data"]["image"] == f"/data/upload/1/{t['id']}.png" for t in work.tasks)
+    assert work.skipped == len(STATE) - len(wanted)
+    assert work.replaced == replaced
+    assert work.replaces_whole_version == (replaced == {4: [100], 6: [102, 103]})
+
+
+def test_limit_cuts_the_work_without_counting_as_skipped() -> None:
+    work = tasks_to_predict(
+        FakeClient(),  # type: ignore[arg-type]
+        project(evaluates_automatically=False),
+        VERSION,
+        missing_only=False,
+        limit=4,
+    )
+    assert [t["id"] for t in work.tasks] == [1, 2, 3, 4]
+    assert work.skipped == 0
+    assert work.replaced == {4: [100]} and not work.replaces_whole_version
