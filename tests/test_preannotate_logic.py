@@ -1,17 +1,19 @@
-"""Which tasks pre-annotation predicts: the same answer whichever way the tasks are listed.
+"""Pre-annotation logic: which tasks it predicts, and how it pushes the predictions.
 
-A fake client stands in for Label Studio here (the real one is exercised end to end in
-test_e2e_preannotate.py); it serves one project state both as the JSON export and as a Data
-Manager listing, the two shapes Label Studio 1.23 answers with.
+Fakes stand in for Label Studio here (the real one is exercised end to end in
+test_e2e_preannotate.py): one project state served both as the JSON export and as a Data
+Manager listing, the two shapes Label Studio 1.23 answers with, and a client whose imports are
+slow, as they are in a big project.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
-from labelloop.preannotate import tasks_to_predict
+from labelloop.preannotate import _Pusher, tasks_to_predict
 
 VERSION = "v2-20261201T000000"
 
@@ -114,3 +116,45 @@ def test_limit_cuts_the_work_without_counting_as_skipped() -> None:
     assert [t["id"] for t in work.tasks] == [1, 2, 3, 4]
     assert work.skipped == 0
     assert work.replaced == {4: [100]} and not work.replaces_whole_version
+
+
+class SlowImports:
+    """Records what reaches Label Studio; every import takes `seconds`, like a big project's."""
+
+    def __init__(self, seconds: float, fail: bool = False) -> None:
+        self.seconds = seconds
+        self.fail = fail
+        self.calls: list[tuple[str, Any]] = []
+
+    def import_predictions(self, project_id: int, predictions: list[dict[str, Any]]) -> int:
+        time.sleep(self.seconds)
+        if self.fail:
+            raise RuntimeError("Label Studio said no")
+        self.calls.append(("import", [p["task"] for p in predictions]))
+        return len(predictions)
+
+    def delete_prediction(self, prediction_id: int) -> None:
+        self.calls.append(("delete", prediction_id))
+
+
+def test_pushes_gather_while_one_is_in_flight_and_keep_their_order() -> None:
+    client = SlowImports(seconds=1.0)
+    with _Pusher(client, 1) as pusher:  # type: ignore[arg-type]
+        for task in range(10):
+            pusher.add([{"task": task}], stale=[100 + task] if task in (0, 7) else [])
+        pusher.finish()
+    # The first push goes at once; the other nine arrive while it is in flight and go as one.
+    assert pusher.pushes == 2
+    assert client.calls == [
+        ("import", [0]),
+        ("delete", 100),
+        ("import", [1, 2, 3, 4, 5, 6, 7, 8, 9]),
+        ("delete", 107),  # replaced only after its successor is stored
+    ]
+
+
+def test_a_failed_push_fails_the_run() -> None:
+    with _Pusher(SlowImports(seconds=0.0, fail=True), 1) as pusher:  # type: ignore[arg-type]
+        pusher.add([{"task": 1}], stale=[])
+        with pytest.raises(RuntimeError, match="Label Studio said no"):
+            pusher.finish()
