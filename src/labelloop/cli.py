@@ -454,7 +454,14 @@ def preannotate(
         ),
     ] = False,
     limit: Annotated[int | None, typer.Option(help="Predict at most this many tasks.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Tasks per pushed batch.")] = 256,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Tasks predicted per step (progress and cancel granularity); pushes to Label "
+            "Studio gather several steps.",
+        ),
+    ] = 256,
 ) -> None:
     """Predict a project's tasks and push the predictions to Label Studio in bulk.
 
