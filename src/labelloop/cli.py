@@ -465,8 +465,9 @@ def preannotate(
 ) -> None:
     """Predict a project's tasks and push the predictions to Label Studio in bulk.
 
-    Needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY; reads local-files images straight from
-    LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT when set.
+    Needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY. Reads images straight from disk where it
+    can: local-files images from LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT and uploads from
+    LABEL_STUDIO_BASE_DATA_DIR (Label Studio's data directory) when they are set.
     """
     from tqdm.auto import tqdm
 
