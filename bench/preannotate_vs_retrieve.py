@@ -23,7 +23,7 @@ from pathlib import Path
 from _common import REPO, append_section, machine, publish_random_model
 
 from labelloop.demo import generate_demo_dataset
-from labelloop.demo_stack import backend_in_thread
+from labelloop.demo_stack import backend_in_thread, colocated_settings
 from labelloop.labelstudio.client import LabelStudioClient
 from labelloop.labelstudio.launcher import (
     LabelStudioServer,
@@ -34,7 +34,6 @@ from labelloop.labelstudio.launcher import (
 from labelloop.preannotate import PreannotateSummary, preannotate
 from labelloop.serve.app import FetcherRegistry
 from labelloop.serve.predictor import ModelHolder, Predictor
-from labelloop.serve.settings import settings_from
 
 READS = {"disk": "from disk", "http": "downloaded"}
 
@@ -119,10 +118,7 @@ def compare(
         retrieve_s = time.perf_counter() - started
         stored = len(client.predictions(project_id=projects[0]))
 
-    env = {"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token}
-    if from_disk:
-        env["LABEL_STUDIO_BASE_DATA_DIR"] = str(ls.data_dir)
-    settings = settings_from({"model_dir": model_dir}, env)
+    settings = colocated_settings(model_dir, ls, uploads_from_disk=from_disk)
     fetchers = FetcherRegistry(settings)
     holder = ModelHolder.from_path(model_dir, runtime=settings.runtime)
     predictor = Predictor(holder, batch_size=settings.batch_size, workers=settings.fetch_workers)

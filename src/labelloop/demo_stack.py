@@ -17,7 +17,7 @@ from .labelstudio.client import LabelStudioClient
 from .labelstudio.launcher import LabelStudioServer, LabelStudioSettings, ensure_label_studio
 from .pipeline import DataSource, TrainOptions, TrainOutcome, run_training
 from .serve.app import build_app
-from .serve.settings import settings_from
+from .serve.settings import ServeSettings, settings_from
 from .serve.threaded import serve_in_thread
 from .store import ModelStore
 
@@ -122,15 +122,15 @@ class DemoReady:
     retrieve_seconds: float
 
 
-@contextmanager
-def backend_in_thread(
-    model_dir: Path, ls: LabelStudioSettings, *, port: int, uploads_from_disk: bool = True
-) -> Iterator[str]:
-    """Our server (with its background trainer) in this process, for Label Studio to call.
-
-    It shares the machine with Label Studio, so it reads local files and (unless
-    `uploads_from_disk` is False) uploads straight from Label Studio's folders.
-    """
+def colocated_settings(
+    model_dir: Path,
+    ls: LabelStudioSettings,
+    *,
+    port: int | None = None,
+    uploads_from_disk: bool = True,
+) -> ServeSettings:
+    """Backend settings for a Label Studio on this machine: it reads local files and (unless
+    `uploads_from_disk` is False) uploads straight from Label Studio's folders."""
     env = {
         "LABEL_STUDIO_URL": ls.url,
         "LABEL_STUDIO_API_KEY": ls.token,
@@ -138,7 +138,15 @@ def backend_in_thread(
     }
     if uploads_from_disk:
         env["LABEL_STUDIO_BASE_DATA_DIR"] = str(ls.data_dir)
-    settings = settings_from({"model_dir": model_dir, "port": port}, env)
+    return settings_from({"model_dir": model_dir, "port": port}, env)
+
+
+@contextmanager
+def backend_in_thread(
+    model_dir: Path, ls: LabelStudioSettings, *, port: int, uploads_from_disk: bool = True
+) -> Iterator[str]:
+    """Our server (with its background trainer) in this process, for Label Studio to call."""
+    settings = colocated_settings(model_dir, ls, port=port, uploads_from_disk=uploads_from_disk)
     with serve_in_thread(build_app(settings), port=port, start_timeout_s=60) as url:
         yield url
 

@@ -83,21 +83,13 @@ def tasks_to_predict(
     if project.get("evaluate_predictions_automatically"):
         # Listing through the Data Manager would make Label Studio call the backend for every
         # page of tasks without a prediction; the export never does, but is ~7x slower.
-        tasks = [
-            {"id": t["id"], "data": t.get("data") or {}, "labelled": _labelled(t)}
-            for t in client.export_tasks(project_id)
-        ]
+        listed, labelled = client.export_tasks(project_id), _labelled
     else:
-        tasks = [
-            {
-                "id": t["id"],
-                "data": t.get("data") or {},
-                "labelled": bool(t.get("total_annotations")),
-            }
-            for t in client.list_tasks(
-                project_id, page_size=_LIST_PAGE, include=("id", "data", "total_annotations")
-            )
-        ]
+        listed = client.list_tasks(
+            project_id, page_size=_LIST_PAGE, include=("id", "data", "total_annotations")
+        )
+        labelled = _counted_labelled
+    tasks = [{"id": t["id"], "data": t.get("data") or {}, "labelled": labelled(t)} for t in listed]
     current: dict[int, list[int]] = defaultdict(list)
     for prediction in client.predictions(project_id=project_id):
         if prediction.get("model_version") == model_version:
@@ -123,6 +115,11 @@ def _labelled(exported_task: Mapping[str, Any]) -> bool:
     """Whether an exported task has an annotation that was not a skip (what the Data Manager
     counts as ``total_annotations``)."""
     return any(not a.get("was_cancelled") for a in exported_task.get("annotations") or [])
+
+
+def _counted_labelled(listed_task: Mapping[str, Any]) -> bool:
+    """Whether a Data Manager task counts an annotation that was not a skip."""
+    return bool(listed_task.get("total_annotations"))
 
 
 def preannotate(
@@ -240,24 +237,24 @@ class _Pusher:
         """Queue new predictions and the ones of the same version they replace."""
         self._payload.extend(payload)
         self._stale.extend(stale)
-        if self._in_flight is not None:
-            if not self._in_flight.done():
-                return
-            self._in_flight.result()  # raises what a failed push raised
-            self._in_flight = None
+        if self._in_flight is not None and not self._in_flight.done():
+            return
+        self._wait()
         if self._payload and time.monotonic() >= self._next_push_at:
             self._submit()
 
     def finish(self) -> None:
         """Push what is queued and wait for every push."""
-        if self._in_flight is not None:
-            self._in_flight.result()
-            self._in_flight = None
+        self._wait()
         if self._payload:
             self._submit()
-            assert self._in_flight is not None
-            self._in_flight.result()
-            self._in_flight = None
+            self._wait()
+
+    def _wait(self) -> None:
+        """Wait for the push in flight, if any; raises what a failed push raised."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()
 
     def _submit(self) -> None:
         payload, stale = self._payload, self._stale
