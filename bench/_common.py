@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from labelloop.config import PreprocessConfig
-from labelloop.demo import LABEL_GROUPS
+from labelloop.dev.demo import LABEL_GROUPS
 from labelloop.labels import LabelSpace
-from labelloop.model import build_model
+from labelloop.ml.model import build_model
 from labelloop.store import ModelStore, manifest_for, write_model_files
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,17 +17,17 @@ import numpy as np
 from _common import REPO
 from PIL import Image
 
-from labelloop.demo import LABEL_GROUPS, generate_demo_dataset, render_label_config
-from labelloop.labelstudio.client import LabelStudioClient
-from labelloop.labelstudio.launcher import (
+from labelloop.dev.demo import LABEL_GROUPS, generate_demo_dataset, render_label_config
+from labelloop.dev.launcher import (
     LabelStudioServer,
     LabelStudioSettings,
     ensure_label_studio,
     free_port,
 )
+from labelloop.dev.threaded import serve_in_thread
+from labelloop.labelstudio.client import LabelStudioClient
 from labelloop.serve.app import build_app
 from labelloop.serve.settings import settings_from
-from labelloop.serve.threaded import serve_in_thread
 
 
 def make_photos(
@@ -127,7 +127,7 @@ class PredictLog(logging.Handler):
 
     @contextmanager
     def attached(self) -> Iterator[PredictLog]:
-        loggers = [logging.getLogger(n) for n in ("labelloop.serve.predictor",)]
+        loggers = [logging.getLogger(n) for n in ("labelloop.runtime.predictor",)]
         saved = [(lg.level, lg.propagate) for lg in loggers]
         for lg in loggers:
             # INFO reaches this handler only; the console keeps showing warnings alone.

@@ -33,9 +33,9 @@ import torch
 from _common import append_section, machine, publish_random_model
 from _stack import PredictLog, Stack, backend, download_all, label_studio, make_photos, quiet_logs
 
-from labelloop.inference import build_runner
-from labelloop.labelstudio.images import decode_image
-from labelloop.serve.predictor import LoadedModel
+from labelloop.ml.images import decode_image
+from labelloop.runtime.inference import build_runner
+from labelloop.runtime.predictor import LoadedModel
 from labelloop.serve.settings import ServeSettings
 from labelloop.store import load_bundle
 
@@ -144,7 +144,7 @@ _CATEGORIES = (
     ("JPEG decode", ("PIL/ImageFile.py", "decode_image", "PIL/Image.py")),
     ("transform (resize, crop, normalise)", ("torchvision/transforms",)),
     ("download (httpx, sockets)", ("httpx", "httpcore", "ssl.py", "socket.py")),
-    ("image cache write/read", ("_DiskCache",)),
+    ("image cache write/read", ("DiskCache",)),
     ("request/response JSON, validation", ("pydantic", "json/", "fastapi", "starlette")),
     ("build and validate results", ("build_predictions", "validate_prediction")),
 )

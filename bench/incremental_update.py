@@ -19,13 +19,14 @@ from pathlib import Path
 
 from _common import append_section, machine, publish_random_model
 
-from labelloop.demo import LABEL_GROUPS, generate_demo_dataset
-from labelloop.incremental import EmbeddingCache
+from labelloop.dev.demo import LABEL_GROUPS, generate_demo_dataset
 from labelloop.labelstudio.annotations import AnnotationRecord
-from labelloop.labelstudio.images import FetchSettings, ImageFetcher
-from labelloop.ledger import Ledger
-from labelloop.serve.predictor import LoadedModel, ModelHolder
-from labelloop.serve.trainer import Trainer, TrainerSettings
+from labelloop.labelstudio.fetcher import ImageFetcher
+from labelloop.labelstudio.urls import FetchSettings
+from labelloop.loop.ledger import Ledger
+from labelloop.loop.trainer import Trainer, TrainerSettings
+from labelloop.ml.embeddings import EmbeddingCache
+from labelloop.runtime.predictor import LoadedModel, ModelHolder
 from labelloop.store import ModelStore, load_bundle
 
 PROJECT = 1

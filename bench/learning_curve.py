@@ -34,21 +34,18 @@ from _common import append_section, machine
 from torch.utils.data import DataLoader
 
 from labelloop.config import DataConfig, OptimConfig, PreprocessConfig, SplitConfig
-from labelloop.data import (
-    ImageDataset,
-    collate_skip_none,
-    compute_pos_weight,
-    load_metadata,
-    stratified_split,
-)
-from labelloop.evaluate import compute_metrics
-from labelloop.incremental import extract_features, fit_head, predict_features
-from labelloop.model import build_model
-from labelloop.pretrained import convert_mobilenet_v2
+from labelloop.ml.data import load_metadata
+from labelloop.ml.dataset import ImageDataset, collate_skip_none
+from labelloop.ml.embeddings import extract_features
+from labelloop.ml.evaluate import compute_metrics
+from labelloop.ml.head import fit_head, predict_features
+from labelloop.ml.model import build_model
+from labelloop.ml.pretrained import convert_mobilenet_v2
+from labelloop.ml.splits import compute_pos_weight, stratified_split
+from labelloop.ml.thresholds import apply_thresholds, tune_thresholds
+from labelloop.ml.train import fit, predict
+from labelloop.ml.transforms import eval_transform, train_transform
 from labelloop.realdata import build_realdata, fashion_mnist_dir, load_fashion_mnist
-from labelloop.thresholds import apply_thresholds, tune_thresholds
-from labelloop.train import fit, predict
-from labelloop.transforms import eval_transform, train_transform
 
 METHODS = (
     ("a", "ResNet18, random init, full fine-tune, thresholds 0.5"),

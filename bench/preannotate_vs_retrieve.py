@@ -22,18 +22,18 @@ from pathlib import Path
 
 from _common import REPO, append_section, machine, publish_random_model
 
-from labelloop.demo import generate_demo_dataset
-from labelloop.demo_stack import backend_in_thread, colocated_settings
-from labelloop.labelstudio.client import LabelStudioClient
-from labelloop.labelstudio.launcher import (
+from labelloop.dev.demo import generate_demo_dataset
+from labelloop.dev.demo_stack import backend_in_thread, colocated_settings
+from labelloop.dev.launcher import (
     LabelStudioServer,
     LabelStudioSettings,
     ensure_label_studio,
     free_port,
 )
-from labelloop.preannotate import PreannotateSummary, preannotate
+from labelloop.labelstudio.client import LabelStudioClient
+from labelloop.loop.preannotate import PreannotateSummary, preannotate
+from labelloop.runtime.predictor import ModelHolder, Predictor
 from labelloop.serve.app import FetcherRegistry
-from labelloop.serve.predictor import ModelHolder, Predictor
 
 READS = {"disk": "from disk", "http": "downloaded"}
 

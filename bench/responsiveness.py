@@ -32,8 +32,8 @@ import numpy as np
 from _common import append_section, machine, publish_random_model
 from _stack import Stack, label_studio, make_photos, percentile, quiet_logs
 
-from labelloop.demo import LABEL_GROUPS
-from labelloop.labelstudio.launcher import free_port
+from labelloop.dev.demo import LABEL_GROUPS
+from labelloop.dev.launcher import free_port
 
 TARGET_MS = 100.0
 INTERVAL_S = 0.05  # between requests: a busy Label Studio, far above what annotators cause

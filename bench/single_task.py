@@ -24,7 +24,7 @@ import torch
 from _common import append_section, machine, publish_random_model
 from _stack import backend, label_studio, make_photos, percentile, quiet_logs
 
-from labelloop.inference import build_runner
+from labelloop.runtime.inference import build_runner
 from labelloop.store import load_bundle
 
 WARMUP = 3  # first requests pay one-off costs (connection pools, allocator); not timed

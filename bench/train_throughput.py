@@ -27,11 +27,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from labelloop.config import DataConfig, PreprocessConfig
-from labelloop.data import ImageDataset, collate_skip_none, load_metadata, load_rgb
-from labelloop.demo import LABEL_GROUPS, generate_demo_dataset
-from labelloop.model import build_model
-from labelloop.train import train_one_epoch
-from labelloop.transforms import train_transform
+from labelloop.dev.demo import LABEL_GROUPS, generate_demo_dataset
+from labelloop.ml.data import load_metadata
+from labelloop.ml.dataset import ImageDataset, collate_skip_none
+from labelloop.ml.images import decode_image
+from labelloop.ml.model import build_model
+from labelloop.ml.train import train_one_epoch
+from labelloop.ml.transforms import train_transform
 
 
 class TimedLoader:
@@ -137,7 +139,7 @@ def stage_costs(dataset: ImageDataset, sample: int) -> tuple[float, float]:
     """ms per image of decoding and of the train transform, one image at a time."""
     items = dataset.paths[:sample]
     started = time.perf_counter()
-    images = [load_rgb(item) for item in items]
+    images = [decode_image(item) for item in items]
     decode_s = time.perf_counter() - started
     started = time.perf_counter()
     for image in images:

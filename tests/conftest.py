@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from labelloop.config import TrainConfig
-from labelloop.demo import LABEL_GROUPS, DemoDataset, generate_demo_dataset
-from labelloop.pipeline import DataSource, TrainOptions, TrainOutcome, run_training
+from labelloop.dev.demo import LABEL_GROUPS, DemoDataset, generate_demo_dataset
+from labelloop.training.offline import DataSource, TrainOptions, TrainOutcome, run_training
 
 # Two cores: more threads only add contention in the tests.
 torch.set_num_threads(2)
@@ -56,13 +56,13 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def label_studio(tmp_path_factory: pytest.TempPathFactory):
     """Label Studio 1.23.2 in its own venv (installed on first use), booted once per run."""
-    from labelloop.labelstudio.client import LabelStudioClient
-    from labelloop.labelstudio.launcher import (
+    from labelloop.dev.launcher import (
         LabelStudioServer,
         LabelStudioSettings,
         ensure_label_studio,
         free_port,
     )
+    from labelloop.labelstudio.client import LabelStudioClient
 
     executable = ensure_label_studio(Path(os.environ.get("LABELLOOP_LS_VENV", REPO / ".venv-ls")))
     root = tmp_path_factory.mktemp("label-studio")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from labelloop.labelstudio.launcher import free_port
-from labelloop.serve.threaded import serve_in_thread
+from labelloop.dev.launcher import free_port
+from labelloop.dev.threaded import serve_in_thread
 
 __all__ = ["BackendProcess", "free_port", "serve_in_thread", "wait_until"]
 

@@ -210,7 +210,7 @@ def test_demo_without_label_studio_trains_and_reports(tmp_path: Path) -> None:
 def test_status_shows_version_ledger_and_jobs(trained_model, tmp_path: Path) -> None:
     import shutil
 
-    from labelloop.ledger import Ledger
+    from labelloop.loop.ledger import Ledger
 
     model_dir = tmp_path / "m"
     shutil.copytree(trained_model[0], model_dir)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from servers import BackendProcess, wait_until
 
-from labelloop.ledger import Ledger
+from labelloop.loop.ledger import Ledger
 from labelloop.store import ModelStore, verify_version_dir
 
 pytestmark = pytest.mark.slow

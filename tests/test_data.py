@@ -9,22 +9,22 @@ import torch
 from PIL import Image
 
 from labelloop.config import DataConfig, PreprocessConfig, SplitConfig
-from labelloop.data import (
+from labelloop.labelstudio.export import load_labelstudio_export, resolve_export_image
+from labelloop.ml.data import (
     DataError,
-    ImageDataset,
     UnknownLabelsError,
     check_image,
-    collate_skip_none,
-    compute_pos_weight,
-    load_labelstudio_export,
     load_metadata,
-    materialize_splits,
     parse_label_cell,
-    resolve_export_image,
+)
+from labelloop.ml.dataset import ImageDataset, collate_skip_none
+from labelloop.ml.splits import (
+    compute_pos_weight,
+    materialize_splits,
     stratified_split,
     write_split_manifest,
 )
-from labelloop.transforms import eval_transform
+from labelloop.ml.transforms import eval_transform
 
 # --- cells ------------------------------------------------------------------------------------
 
@@ -333,25 +333,25 @@ def test_dataset_skips_unreadable_items(tmp_path: Path) -> None:
 
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
-    from labelloop.data import load_rgb
+    from labelloop.ml.images import decode_image
 
     image = Image.new("RGB", (40, 20), (200, 0, 0))
     exif = image.getexif()
     exif[0x0112] = 6  # rotate 90 degrees on display
     image.save(tmp_path / "r.jpg", exif=exif)
-    assert load_rgb(tmp_path / "r.jpg").size == (20, 40)
+    assert decode_image(tmp_path / "r.jpg").size == (20, 40)
 
 
 def test_load_rgb_decodes_jpeg_at_a_reduced_scale_only_when_asked(tmp_path: Path) -> None:
-    from labelloop.data import load_rgb
+    from labelloop.ml.images import decode_image
 
     Image.new("RGB", (1000, 800), (10, 120, 200)).save(tmp_path / "big.jpg", quality=90)
     Image.new("RGB", (1000, 800), (10, 120, 200)).save(tmp_path / "big.png")
-    assert load_rgb(tmp_path / "big.jpg").size == (1000, 800)
+    assert decode_image(tmp_path / "big.jpg").size == (1000, 800)
     # DCT scaling picks the smallest 1/2, 1/4, 1/8 scale that keeps both sides >= min_side.
-    assert load_rgb(tmp_path / "big.jpg", min_side=300).size == (500, 400)
-    assert load_rgb((tmp_path / "big.jpg").read_bytes(), min_side=90).size == (125, 100)
-    assert load_rgb(tmp_path / "big.png", min_side=300).size == (1000, 800)  # not a JPEG
+    assert decode_image(tmp_path / "big.jpg", min_side=300).size == (500, 400)
+    assert decode_image((tmp_path / "big.jpg").read_bytes(), min_side=90).size == (125, 100)
+    assert decode_image(tmp_path / "big.png", min_side=300).size == (1000, 800)  # not a JPEG
 
     dataset = ImageDataset(
         [tmp_path / "big.jpg"],
@@ -363,7 +363,7 @@ def test_load_rgb_decodes_jpeg_at_a_reduced_scale_only_when_asked(tmp_path: Path
 
 
 def test_train_transform_augments_pil_images_into_normalised_tensors() -> None:
-    from labelloop.transforms import train_decode_side, train_transform
+    from labelloop.ml.transforms import train_decode_side, train_transform
 
     config = PreprocessConfig(image_size=32, min_scale=0.6)
     # The smallest crop of a square image this side (area 0.6, aspect 3:4) is still >= 32 px.
@@ -381,7 +381,7 @@ def test_train_transform_augments_pil_images_into_normalised_tensors() -> None:
 def test_to_normalized_tensor_matches_torchvision_for_pil_and_tensor_input() -> None:
     from torchvision.transforms import v2
 
-    from labelloop.transforms import ToNormalizedTensor, eval_transform, resize_size
+    from labelloop.ml.transforms import ToNormalizedTensor, eval_transform, resize_size
 
     config = PreprocessConfig(image_size=32)
     rng = np.random.default_rng(1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from labelloop.demo import (
+from labelloop.dev.demo import (
     COMPONENTS,
     DEFECTS,
     LABEL_GROUPS,

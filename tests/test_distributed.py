@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from labelloop.labelstudio.launcher import free_port
+from labelloop.dev.launcher import free_port
 from labelloop.store import ModelStore
 
 

@@ -13,7 +13,7 @@ from servers import wait_until
 from sklearn.metrics import f1_score
 
 from labelloop.labelstudio.label_config import parse_label_config
-from labelloop.serve.trainer import TrainerSettings, split_of
+from labelloop.loop.trainer import TrainerSettings, split_of
 
 pytestmark = pytest.mark.e2e
 

@@ -115,7 +115,7 @@ def test_backend_with_basic_auth(label_studio, project, backend_factory) -> None
 
 
 def test_demo_project_is_prepared_once(label_studio, demo_dataset, backend) -> None:
-    from labelloop.demo_stack import prepare_project
+    from labelloop.dev.demo_stack import prepare_project
 
     server, client = label_studio
     images = sorted(demo_dataset.images_dir.glob("*.png"))[20:28]

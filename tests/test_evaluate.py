@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from labelloop.evaluate import (
+from labelloop.ml.evaluate import (
     EvaluationReport,
     compute_metrics,
     plot_pr_curves,
-    prediction_confidence,
     write_evaluation,
     write_predictions_csv,
 )
-from labelloop.thresholds import ThresholdResult
+from labelloop.ml.thresholds import ThresholdResult, prediction_confidence
 
 CLASSES = ["bolt", "nut", "scratch"]
 Y_TRUE = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 0]])

@@ -23,9 +23,9 @@ from schemathesis.specs.openapi.checks import (
 )
 from servers import serve_in_thread
 
+from labelloop.loop.trainer import TrainerSettings
 from labelloop.serve.app import build_app
 from labelloop.serve.settings import settings_from
-from labelloop.serve.trainer import TrainerSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

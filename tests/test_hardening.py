@@ -26,9 +26,9 @@ from fastapi.responses import RedirectResponse, Response
 from PIL import Image
 from servers import serve_in_thread
 
+from labelloop.loop.trainer import TrainerSettings
 from labelloop.serve.app import build_app
 from labelloop.serve.settings import settings_from
-from labelloop.serve.trainer import TrainerSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -510,8 +510,9 @@ def test_dns_rebinding_is_caught_on_the_connected_socket(label_studio: str, monk
     import ipaddress
     import socket
 
-    from labelloop.labelstudio import images
-    from labelloop.labelstudio.images import FetchSettings, ImageFetcher, ImageFetchError
+    from labelloop.labelstudio import urls as images
+    from labelloop.labelstudio.fetcher import ImageFetcher
+    from labelloop.labelstudio.urls import FetchSettings, ImageFetchError
 
     real_getaddrinfo = socket.getaddrinfo
     lookups: list[str] = []
@@ -559,6 +560,6 @@ def test_dns_rebinding_is_caught_on_the_connected_socket(label_studio: str, monk
 def test_refused_addresses(address: str, refused: bool) -> None:
     import ipaddress
 
-    from labelloop.labelstudio.images import _refused_address
+    from labelloop.labelstudio.urls import refused_address
 
-    assert _refused_address(ipaddress.ip_address(address)) is refused
+    assert refused_address(ipaddress.ip_address(address)) is refused

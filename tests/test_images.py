@@ -23,14 +23,9 @@ from PIL import Image
 from servers import serve_in_thread
 
 from labelloop.labelstudio.auth import LabelStudioAuth
-from labelloop.labelstudio.images import (
-    FetchSettings,
-    ImageFetcher,
-    ImageFetchError,
-    ResolvedSource,
-    decode_image,
-    resolve_url,
-)
+from labelloop.labelstudio.fetcher import ImageFetcher
+from labelloop.labelstudio.urls import FetchSettings, ImageFetchError, ResolvedSource, resolve_url
+from labelloop.ml.images import ImageError, decode_image
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -632,8 +627,8 @@ def _png() -> bytes:
     ],
     ids=["zero-bytes", "text", "truncated", "corrupt"],
 )
-def test_bad_data_raises_image_fetch_error(data: bytes, message: str) -> None:
-    with pytest.raises(ImageFetchError, match=message):
+def test_bad_data_raises_image_error(data: bytes, message: str) -> None:
+    with pytest.raises(ImageError, match=message):
         decode_image(data)
 
 
@@ -641,13 +636,13 @@ def test_truncated_jpeg_is_refused() -> None:
     rng = np.random.default_rng(0)
     noisy = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
     data = _encode(noisy, "JPEG")
-    with pytest.raises(ImageFetchError, match="corrupt or truncated"):
+    with pytest.raises(ImageError, match="corrupt or truncated"):
         decode_image(data[: len(data) // 2])
 
 
 def test_decompression_bomb_is_refused() -> None:
     data = _encode(Image.new("L", (100, 100)), "PNG")
-    with pytest.raises(ImageFetchError, match="exceeds the limit of 5000 pixels"):
+    with pytest.raises(ImageError, match="exceeds the limit of 5000 pixels"):
         decode_image(data, max_pixels=5000)
     assert decode_image(data, max_pixels=10_000).size == (100, 100)
 
@@ -749,17 +744,17 @@ def test_cache_leaves_foreign_and_fresh_temp_files(tmp_path: Path, make_fetcher:
     ],
 )
 def test_metadata_and_link_local_hosts_are_refused(make_fetcher: Any, url: str) -> None:
-    with pytest.raises(ImageFetchError, match="link-local or metadata"):
+    with pytest.raises(ImageError, match="link-local or metadata"):
         make_fetcher().fetch_bytes(url)
 
 
 def test_allow_list_limits_other_hosts_but_not_label_studio(make_fetcher: Any, server: str) -> None:
     fetcher = make_fetcher(allowed_hosts=("images.example.org",))
-    with pytest.raises(ImageFetchError, match="not among the allowed image hosts"):
+    with pytest.raises(ImageError, match="not among the allowed image hosts"):
         fetcher.fetch_bytes(f"{other(server)}/files/x")
     assert fetcher.fetch_bytes(f"{server}/files/x?size=10") == blob("x", 10)
     # A redirect from Label Studio to a host outside the list is refused at that hop.
-    with pytest.raises(ImageFetchError, match="not among the allowed"):
+    with pytest.raises(ImageError, match="not among the allowed"):
         fetcher.fetch_bytes(f"{server}/to-other-host")
     assert make_fetcher(allowed_hosts=("localhost",)).fetch_bytes(
         f"{other(server)}/files/y?size=10"
@@ -769,7 +764,7 @@ def test_allow_list_limits_other_hosts_but_not_label_studio(make_fetcher: Any, s
 def test_cache_scans_its_folder_only_when_the_cap_may_be_exceeded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from labelloop.labelstudio import images
+    from labelloop.labelstudio import disk_cache as images
 
     scans = []
     real_scandir = os.scandir
@@ -779,7 +774,7 @@ def test_cache_scans_its_folder_only_when_the_cap_may_be_exceeded(
         return real_scandir(path)
 
     monkeypatch.setattr(images.os, "scandir", counting_scandir)
-    cache = images._DiskCache(tmp_path, max_bytes=10_000)
+    cache = images.DiskCache(tmp_path, max_bytes=10_000)
     for i in range(50):
         cache.put(f"http://h/{i}", b"x" * 100)  # 5,000 bytes: under the cap
     assert len(scans) == 1  # the first put counts what is there; later puts add to it

@@ -12,27 +12,30 @@ from PIL import Image
 from sklearn.metrics import average_precision_score
 from torch import nn
 
-from labelloop import incremental
 from labelloop.config import PreprocessConfig
-from labelloop.incremental import (
-    NEW_CLASS_BIAS,
+from labelloop.labels import LabelSpace
+from labelloop.ml import embeddings as incremental
+from labelloop.ml.checkpoints import head_name
+from labelloop.ml.embeddings import (
     EmbeddingCache,
-    Head,
     backbone_fingerprint,
     content_key,
     embed_images,
     embedding_space,
-    extend_head,
     extract_features,
+)
+from labelloop.ml.head import (
+    NEW_CLASS_BIAS,
+    Head,
+    extend_head,
     fit_head,
     head_of,
     model_with_head,
     predict_features,
 )
-from labelloop.labels import LabelSpace
-from labelloop.model import build_model, head_name
+from labelloop.ml.model import build_model
+from labelloop.ml.transforms import eval_transform
 from labelloop.store import ModelBundle, manifest_for
-from labelloop.transforms import eval_transform
 
 SPACE = LabelSpace.from_mapping({"components": ["bolt", "nut"], "defects": ["rust"]})
 
@@ -74,7 +77,7 @@ def _has_hooks(model: nn.Module) -> bool:
 
 def test_fingerprint_ignores_the_head_and_sees_the_backbone() -> None:
     bundle = _bundle()
-    other_head = model_with_head(bundle, Head(np.ones((5, 512)), np.zeros(5)))
+    other_head = model_with_head(bundle.model, Head(np.ones((5, 512)), np.zeros(5)))
     assert backbone_fingerprint(other_head) == backbone_fingerprint(bundle.model)
     wrapped = build_model("resnet18", 2, dropout=0.5)
     wrapped.load_state_dict(
@@ -332,7 +335,7 @@ def test_fit_head_works_inside_inference_mode() -> None:
 def test_model_with_its_own_head_is_the_same_model() -> None:
     bundle = _bundle(dropout=0.3)
     x = _batch(bundle)
-    rebuilt = model_with_head(bundle, head_of(bundle.model))
+    rebuilt = model_with_head(bundle.model, head_of(bundle.model))
     with torch.inference_mode():
         torch.testing.assert_close(rebuilt(x), bundle.model(x), atol=1e-6, rtol=0)
     assert isinstance(rebuilt.fc, nn.Sequential) and isinstance(rebuilt.fc[1], nn.Linear)
@@ -344,7 +347,7 @@ def test_a_new_head_predicts_as_its_features_do() -> None:
     bundle = _bundle()
     head = extend_head(head_of(bundle.model), SPACE.classes, [*SPACE.classes, "crack"])
     head = Head(head.weight + 0.01, head.bias)
-    model = model_with_head(bundle, head)
+    model = model_with_head(bundle.model, head)
     x = _batch(bundle)
     with torch.inference_mode():
         logits = model(x)
@@ -353,4 +356,4 @@ def test_a_new_head_predicts_as_its_features_do() -> None:
     np.testing.assert_allclose(probs, torch.sigmoid(logits).numpy(), atol=1e-5)
     assert bundle.model.fc.out_features == 3  # the served model is left alone
     with pytest.raises(ValueError, match="takes 8 features"):
-        model_with_head(bundle, Head(np.zeros((2, 8)), np.zeros(2)))
+        model_with_head(bundle.model, Head(np.zeros((2, 8)), np.zeros(2)))

@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from labelloop.inference import (
+from labelloop.ml.model import build_model
+from labelloop.runtime.inference import (
     AGREEMENT_TOLERANCE,
     RuntimeUnavailable,
     build_runner,
     export_onnx,
 )
-from labelloop.model import build_model
-from labelloop.serve.predictor import LoadedModel
+from labelloop.runtime.predictor import LoadedModel
 from labelloop.store import load_bundle
 
 
@@ -83,7 +83,7 @@ class _TraceDivergent(nn.Module):
 def test_auto_falls_back_to_pytorch_with_a_reason(
     model: nn.Module, reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="labelloop.inference"):
+    with caplog.at_level(logging.WARNING, logger="labelloop.runtime.inference"):
         runner = build_runner(model, image_size=8)
     assert runner.name == "torch"
     assert reason in caplog.text

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from labelloop.demo import LABEL_GROUPS, render_label_config
+from labelloop.dev.demo import LABEL_GROUPS, render_label_config
 from labelloop.labelstudio.label_config import (
     ChoicesControl,
     LabelConfig,

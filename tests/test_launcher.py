@@ -16,12 +16,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from labelloop.dev.launcher import LABEL_STUDIO_VERSION, LabelStudioServer, ensure_label_studio
 from labelloop.labelstudio.client import LabelStudioAPIError, LabelStudioClient
-from labelloop.labelstudio.launcher import (
-    LABEL_STUDIO_VERSION,
-    LabelStudioServer,
-    ensure_label_studio,
-)
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from labelloop.labelstudio.annotations import AnnotationRecord
-from labelloop.ledger import Ledger, LedgerError, ReconcileResult
+from labelloop.loop.ledger import Ledger, LedgerError, ReconcileResult
 
 P = 1  # project id
 CONFIG = (

@@ -20,9 +20,10 @@ import httpx
 import pytest
 from servers import BackendProcess
 
-from labelloop.labelstudio.images import FetchSettings, ImageFetcher
+from labelloop.labelstudio.fetcher import ImageFetcher
 from labelloop.labelstudio.protocol import Task
-from labelloop.serve.predictor import LoadedModel, ModelHolder, Predictor
+from labelloop.labelstudio.urls import FetchSettings
+from labelloop.runtime.predictor import LoadedModel, ModelHolder, Predictor
 from labelloop.store import ModelStore, load_bundle
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -5,15 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from labelloop.model import (
+from labelloop.ml.checkpoints import (
     CheckpointError,
     LoadMode,
-    build_model,
     head_name,
-    infer_backbone,
     load_into,
     read_checkpoint,
 )
+from labelloop.ml.model import build_model, infer_backbone
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +47,7 @@ def test_imagenet_weights_offline_fall_back_to_random_init_with_a_warning(
 ) -> None:
     # An empty hub cache and no route out: exactly the offline situation users hit.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr("labelloop.model._DOWNLOAD_TIMEOUT_S", 2.0)
+    monkeypatch.setattr("labelloop.ml.model._DOWNLOAD_TIMEOUT_S", 2.0)
     model = build_model("resnet18", 3, weights="imagenet")
     assert model.fc.out_features == 3
     assert "RANDOM INIT" in caplog.text
@@ -57,11 +56,11 @@ def test_imagenet_weights_offline_fall_back_to_random_init_with_a_warning(
 def test_imagenet_mobilenet_v2_offline_uses_the_shipped_features(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from labelloop.pretrained import shipped_mobilenet_v2_state
+    from labelloop.ml.pretrained import shipped_mobilenet_v2_state
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr("labelloop.model._DOWNLOAD_TIMEOUT_S", 2.0)
-    with caplog.at_level("INFO", logger="labelloop.model"):
+    monkeypatch.setattr("labelloop.ml.model._DOWNLOAD_TIMEOUT_S", 2.0)
+    with caplog.at_level("INFO", logger="labelloop.ml.model"):
         model = build_model("mobilenet_v2", 3, weights="imagenet")
     shipped = shipped_mobilenet_v2_state()
     state = model.state_dict()

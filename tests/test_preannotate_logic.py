@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from labelloop.preannotate import _Pusher, tasks_to_predict
+from labelloop.loop.preannotate import _Pusher, tasks_to_predict
 
 VERSION = "v2-20261201T000000"
 

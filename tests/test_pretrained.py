@@ -13,8 +13,9 @@ from torchvision import models
 from typer.testing import CliRunner
 
 from labelloop.cli import app
-from labelloop.model import CheckpointError, LoadMode, build_model, load_into, read_checkpoint
-from labelloop.pretrained import convert_mobilenet_v2, shipped_weights_path
+from labelloop.ml.checkpoints import CheckpointError, LoadMode, load_into, read_checkpoint
+from labelloop.ml.model import build_model
+from labelloop.ml.pretrained import convert_mobilenet_v2, shipped_weights_path
 from labelloop.realdata import skimage_photo
 
 N_WEIGHTS = 260  # weights and running statistics of torchvision's mobilenet_v2 features

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from labelloop.config import DataConfig
-from labelloop.data import load_metadata
+from labelloop.ml.data import load_metadata
 from labelloop.realdata import (
     DEFECT_TEXTURES,
     FASHION_MNIST_COMPONENTS,

@@ -14,8 +14,8 @@ from fastapi import FastAPI, Header, HTTPException
 from fastapi.responses import FileResponse
 from servers import serve_in_thread
 
+from labelloop.runtime.predictor import LoadedModel, ModelHolder
 from labelloop.serve.app import create_app
-from labelloop.serve.predictor import LoadedModel, ModelHolder
 from labelloop.serve.settings import settings_from
 from labelloop.store import load_bundle
 

@@ -9,7 +9,7 @@ import torch
 
 from labelloop.config import PreprocessConfig
 from labelloop.labels import LabelSpace
-from labelloop.model import build_model
+from labelloop.ml.model import build_model
 from labelloop.store import (
     ModelStore,
     StoreError,

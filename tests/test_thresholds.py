@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 
-from labelloop.thresholds import ThresholdResult, apply_thresholds, tune_thresholds
+from labelloop.ml.thresholds import ThresholdResult, apply_thresholds, tune_thresholds
 
 
 def _column(pos: list[float], neg: list[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +54,7 @@ def test_class_without_positives_gets_default(caplog: pytest.LogCaptureFixture) 
     y_pos, p_pos = _column(KNOWN_POS, KNOWN_NEG)
     y_true = np.hstack([y_pos, np.zeros_like(y_pos)])
     y_prob = np.hstack([p_pos, p_pos])
-    with caplog.at_level(logging.WARNING, logger="labelloop.thresholds"):
+    with caplog.at_level(logging.WARNING, logger="labelloop.ml.thresholds"):
         result = tune_thresholds(y_true, y_prob, default=0.42)
     assert result.methods == ("pr_curve", "default")
     assert result.thresholds[1] == 0.42

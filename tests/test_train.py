@@ -10,11 +10,11 @@ import torch
 from conftest import tiny_config
 
 from labelloop.config import OptimConfig
-from labelloop.data import ImageDataset, collate_skip_none
-from labelloop.model import build_model
-from labelloop.pipeline import DataSource, TrainOptions, run_training
+from labelloop.ml.dataset import ImageDataset, collate_skip_none
+from labelloop.ml.model import build_model
+from labelloop.ml.train import fit, mean_average_precision
 from labelloop.store import ModelStore, load_bundle
-from labelloop.train import fit, mean_average_precision
+from labelloop.training.offline import DataSource, TrainOptions, run_training
 
 
 def test_validation_loss_falls_on_tiny_demo_images(demo_dataset, tmp_path: Path) -> None:
@@ -89,7 +89,7 @@ def _toy_loaders(tmp_path: Path):
     from PIL import Image
 
     from labelloop.config import PreprocessConfig
-    from labelloop.transforms import eval_transform
+    from labelloop.ml.transforms import eval_transform
 
     rng = np.random.default_rng(0)
     paths, targets = [], []
@@ -171,7 +171,7 @@ def test_checkpoints_are_serialised_in_memory_then_written(tmp_path: Path, monke
     stall while a background fine-tune checkpoints); into a buffer it does not."""
     import io
 
-    import labelloop.train as train_module
+    import labelloop.ml.train as train_module
 
     targets: list[object] = []
     real_save = torch.save

@@ -14,15 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from labelloop.incremental import EmbeddingCache, head_of
 from labelloop.labelstudio.annotations import AnnotationRecord
-from labelloop.labelstudio.images import FetchSettings, ImageFetcher
-from labelloop.ledger import Ledger
+from labelloop.labelstudio.fetcher import ImageFetcher
+from labelloop.labelstudio.urls import FetchSettings
+from labelloop.loop.ledger import Ledger
+from labelloop.loop.runner import run_at_lower_priority
+from labelloop.loop.trainer import Trainer, TrainerSettings, split_of
+from labelloop.ml.embeddings import EmbeddingCache
+from labelloop.ml.head import head_of
+from labelloop.ml.transforms import resize_size, train_decode_side
+from labelloop.runtime.predictor import LoadedModel, ModelHolder
 from labelloop.serve import trainer as trainer_module
-from labelloop.serve.predictor import LoadedModel, ModelHolder
-from labelloop.serve.trainer import Trainer, TrainerSettings, run_at_lower_priority, split_of
 from labelloop.store import ModelStore, load_bundle
-from labelloop.transforms import resize_size, train_decode_side
 
 PROJECT = 7
 
@@ -285,7 +288,7 @@ def test_interrupted_jobs_are_failed_and_requeued_on_start(setup) -> None:
 
 
 def test_a_second_update_reuses_cached_embeddings(setup, demo_dataset, monkeypatch) -> None:
-    import labelloop.incremental as incremental
+    import labelloop.ml.embeddings as incremental
 
     _, _, ledger, make = setup
     ledger.upsert(records(demo_dataset, 60))

@@ -1,3 +1,3 @@
-from .cli import main
+from labelloop.cli import main
 
 main()

@@ -14,10 +14,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from .config import ConfigError, TrainConfig, load_config
-from .data import DataError
-from .model import CheckpointError, LoadMode
-from .store import ModelStore, StoreError
+from labelloop.config import ConfigError, TrainConfig, load_config
+from labelloop.ml.checkpoints import CheckpointError, LoadMode
+from labelloop.ml.data import DataError
+from labelloop.store import ModelStore, StoreError
 
 logger = logging.getLogger("labelloop")
 
@@ -118,7 +118,7 @@ def demo_data(
     size: Annotated[int, typer.Option("--size", min=32, help="Image side in pixels.")] = 128,
 ) -> None:
     """Generate a deterministic demo dataset of synthetic inspection photos."""
-    from .demo import generate_demo_dataset
+    from labelloop.dev.demo import generate_demo_dataset
 
     dataset = generate_demo_dataset(out, n=n, seed=seed, size=size, show_progress=True)
     typer.echo(
@@ -185,7 +185,7 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train a model, tune per-class thresholds, evaluate on the test split, publish a version."""
-    from .pipeline import DataSource, TrainOptions, run_training
+    from labelloop.training.offline import DataSource, TrainOptions, run_training
 
     data_overrides = _data_overrides(image_column, label_columns)
     if allow_new_classes:
@@ -258,7 +258,7 @@ def evaluate(
     device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = "auto",
 ) -> None:
     """Evaluate a stored model on any labelled set and write a report."""
-    from .pipeline import DataSource, evaluate_model
+    from labelloop.training.offline import DataSource, evaluate_model
 
     data_cfg = (
         TrainConfig().with_overrides({"data": _data_overrides(image_column, label_columns)}).data
@@ -296,7 +296,7 @@ def predict(
     device: Annotated[str, typer.Option(help="'auto', 'cpu' or 'cuda[:N]'.")] = "auto",
 ) -> None:
     """Predict labels for images with the current (or given) model."""
-    from .pipeline import predict_images
+    from labelloop.training.offline import predict_images
 
     frame = predict_images(model_dir, images, batch_size=batch_size, device_spec=device)
     if out is not None:
@@ -401,9 +401,9 @@ def serve(
     """
     import uvicorn
 
-    from .serve.app import build_app
-    from .serve.settings import settings_from
-    from .serve.trainer import TrainerSettings
+    from labelloop.loop.trainer import TrainerSettings
+    from labelloop.serve.app import build_app
+    from labelloop.serve.settings import settings_from
 
     settings = settings_from(
         {
@@ -471,11 +471,11 @@ def preannotate(
     """
     from tqdm.auto import tqdm
 
-    from .labelstudio.client import LabelStudioClient
-    from .preannotate import preannotate as run_preannotate
-    from .serve.app import FetcherRegistry
-    from .serve.predictor import ModelHolder, Predictor
-    from .serve.settings import settings_from
+    from labelloop.labelstudio.client import LabelStudioClient
+    from labelloop.loop.preannotate import preannotate as run_preannotate
+    from labelloop.runtime.predictor import ModelHolder, Predictor
+    from labelloop.serve.app import FetcherRegistry
+    from labelloop.serve.settings import settings_from
 
     settings = settings_from({"model_dir": model_dir})
     if not settings.label_studio_url or not settings.label_studio_api_key:
@@ -522,7 +522,7 @@ def preannotate(
 @_user_errors
 def status(model_dir: ModelDirOpt) -> None:
     """The current version, recent training jobs and the annotation ledger of MODEL_DIR."""
-    from .ledger import Ledger
+    from labelloop.loop.ledger import Ledger
 
     typer.echo(f"current version: {ModelStore(model_dir).current_version() or 'none'}")
     ledger_path = model_dir / "ledger.sqlite3"
@@ -575,7 +575,7 @@ def demo(
 ) -> None:
     """The main job on embedded defaults: demo data -> starter model -> report, then a real Label
     Studio with a demo project pre-annotated by the backend. Ctrl-C stops everything."""
-    from .demo_stack import DemoPaths, DemoReady, run_stack, train_demo_model
+    from labelloop.dev.demo_stack import DemoPaths, DemoReady, run_stack, train_demo_model
 
     paths = DemoPaths(workdir)
     if ModelStore(paths.model).current_version() is None:
@@ -637,7 +637,7 @@ def convert_weights(
     ] = None,
 ) -> None:
     """Convert offline MobileNetV2 ImageNet weights for `train --backbone mobilenet_v2`."""
-    from .pretrained import convert_mobilenet_v2
+    from labelloop.ml.pretrained import convert_mobilenet_v2
 
     state = convert_mobilenet_v2(source, out)
     typer.echo(

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from .demo import DemoDataset, render_label_config
+from labelloop.dev.demo import DemoDataset, render_label_config
 
 logger = logging.getLogger(__name__)
 

@@ -34,9 +34,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from .config import PreprocessConfig
-from .labels import LabelSpace
-from .model import build_model, head_out_features, infer_backbone, load_into, read_checkpoint
+from labelloop.config import PreprocessConfig
+from labelloop.labels import LabelSpace
+from labelloop.ml.checkpoints import load_into, read_checkpoint
+from labelloop.ml.model import build_model, head_out_features, infer_backbone
 
 try:
     import fcntl

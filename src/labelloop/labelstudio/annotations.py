@@ -9,15 +9,14 @@ multi-label head that means "none of these", a real negative, not a missing answ
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from ..data import labels_from_result
-from .label_config import LabelConfig, LabelConfigError, parse_label_config
-from .protocol import WebhookEvent, fits_int64
+from labelloop.labelstudio.label_config import LabelConfig, LabelConfigError, parse_label_config
+from labelloop.labelstudio.protocol import WebhookEvent, fits_int64
 
 logger = logging.getLogger(__name__)
 
@@ -328,3 +327,15 @@ def _updated_at(annotation: Mapping[str, Any], annotation_id: int) -> str:
             f"annotation {annotation_id} has updated_at {value!r}, expected an ISO 8601 time "
             'such as "2026-11-25T00:48:58.292197Z"'
         ) from None
+
+
+def labels_from_result(result: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Label Studio `result` items -> {Choices control name: labels}."""
+    labels: dict[str, list[str]] = {}
+    for item in result:
+        if not isinstance(item, dict) or item.get("type") != "choices":
+            continue
+        choices = (item.get("value") or {}).get("choices") or []
+        group = labels.setdefault(str(item.get("from_name")), [])
+        group.extend(str(c) for c in choices if str(c) not in group)
+    return labels

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from .auth import LabelStudioAuth
+from labelloop.labelstudio.auth import LabelStudioAuth
 
 __all__ = ["LabelStudioAPIError", "LabelStudioClient"]
 

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from labelloop.evaluate import prediction_confidence
 from labelloop.labelstudio.label_config import ControlBinding, ControlMapping, LabelConfig
 from labelloop.labelstudio.protocol import ChoicesValue, ResultItem, TaskPrediction
+from labelloop.ml.thresholds import prediction_confidence
 
 __all__ = [
     "ResultValidationError",

@@ -21,13 +21,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from .. import __version__
-from ..labelstudio.annotations import AnnotationPayloadError
-from ..labelstudio.auth import LabelStudioAuth
-from ..labelstudio.client import LabelStudioClient
-from ..labelstudio.images import FetchSettings, ImageFetcher
-from ..labelstudio.label_config import LabelConfigError
-from ..labelstudio.protocol import (
+from labelloop import __version__
+from labelloop.labelstudio.annotations import AnnotationPayloadError
+from labelloop.labelstudio.auth import LabelStudioAuth
+from labelloop.labelstudio.client import LabelStudioClient
+from labelloop.labelstudio.fetcher import ImageFetcher
+from labelloop.labelstudio.label_config import LabelConfigError
+from labelloop.labelstudio.protocol import (
     PredictRequest,
     PredictResponse,
     SetupRequest,
@@ -35,13 +35,14 @@ from ..labelstudio.protocol import (
     WebhookEvent,
     project_id_from,
 )
-from ..ledger import Ledger
-from ..preannotate import Refresher
-from ..store import ModelStore, StoreError
-from .events import record_event
-from .predictor import ModelHolder, Predictor, resolve_config
-from .settings import ServeSettings
-from .trainer import Trainer, TrainerSettings
+from labelloop.labelstudio.urls import FetchSettings
+from labelloop.loop.ledger import Ledger
+from labelloop.loop.preannotate import Refresher
+from labelloop.loop.trainer import Trainer, TrainerSettings
+from labelloop.runtime.predictor import ModelHolder, Predictor, resolve_config
+from labelloop.serve.events import record_event
+from labelloop.serve.settings import ServeSettings
+from labelloop.store import ModelStore, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -383,7 +384,7 @@ def create_app(
 def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None = None) -> FastAPI:
     """Everything `labelloop serve` runs: the current model (if any), the annotation ledger,
     the embedding cache and the background trainer, all under MODEL_DIR."""
-    from ..incremental import EmbeddingCache
+    from labelloop.ml.embeddings import EmbeddingCache
 
     settings.model_dir.mkdir(parents=True, exist_ok=True)
     # A publish killed half-way leaves a staging folder (possibly a whole model.pth) behind.

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..labelstudio.annotations import deleted_ids_from_event, records_from_event
-from ..labelstudio.protocol import WebhookEvent
-from ..ledger import Ledger
-from .trainer import FAST, FULL, Trainer
+from labelloop.labelstudio.annotations import deleted_ids_from_event, records_from_event
+from labelloop.labelstudio.protocol import WebhookEvent
+from labelloop.loop.ledger import Ledger
+from labelloop.loop.trainer import FAST, FULL, Trainer
 
 logger = logging.getLogger(__name__)
 

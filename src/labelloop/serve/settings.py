@@ -9,8 +9,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from ..config import ConfigError
-from ..inference import Runtime
+from labelloop.config import ConfigError
+from labelloop.runtime.inference import Runtime
 
 
 class ServeSettings(BaseModel):

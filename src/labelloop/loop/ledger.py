@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .labelstudio.annotations import AnnotationRecord, parse_timestamp
-from .store import StoreError
+from labelloop.labelstudio.annotations import AnnotationRecord, parse_timestamp
+from labelloop.store import StoreError
 
 logger = logging.getLogger(__name__)
 

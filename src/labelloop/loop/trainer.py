@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,37 +24,32 @@ from pydantic import BaseModel, ConfigDict, Field
 from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader
 
-from ..config import DataConfig, OptimConfig, PreprocessConfig
-from ..data import (
-    DataError,
-    ImageDataset,
-    collate_skip_none,
-    compute_pos_weight,
-    load_labelstudio_export,
-    load_metadata,
-)
-from ..incremental import (
-    EmbeddingCache,
-    embed_images,
-    extend_head,
-    fit_head,
-    head_of,
-    model_with_head,
-    predict_features,
-)
-from ..labels import LabelSpace
-from ..labelstudio.annotations import record_from_task_annotation
-from ..labelstudio.client import LabelStudioAPIError, LabelStudioClient
-from ..labelstudio.images import ImageFetcher, ImageFetchError
-from ..labelstudio.label_config import (
+from labelloop.config import DataConfig, OptimConfig, PreprocessConfig
+from labelloop.labels import LabelSpace
+from labelloop.labelstudio.annotations import record_from_task_annotation
+from labelloop.labelstudio.client import LabelStudioAPIError, LabelStudioClient
+from labelloop.labelstudio.export import load_labelstudio_export
+from labelloop.labelstudio.fetcher import ImageFetcher
+from labelloop.labelstudio.label_config import (
     ChoicesControl,
     LabelConfig,
     LabelConfigError,
     parse_label_config,
 )
-from ..ledger import Job, Ledger, ReconcileResult, TrainingExample
-from ..model import build_model
-from ..store import (
+from labelloop.labelstudio.urls import ImageFetchError
+from labelloop.loop.ledger import Job, Ledger, ReconcileResult, TrainingExample
+from labelloop.loop.runner import run_at_lower_priority
+from labelloop.ml.data import DataError, load_metadata
+from labelloop.ml.dataset import ImageDataset, collate_skip_none
+from labelloop.ml.embeddings import EmbeddingCache, embed_images
+from labelloop.ml.head import extend_head, fit_head, head_of, model_with_head, predict_features
+from labelloop.ml.model import build_model
+from labelloop.ml.splits import compute_pos_weight
+from labelloop.ml.thresholds import tune_thresholds
+from labelloop.ml.train import fit, predict, resolve_device
+from labelloop.ml.transforms import eval_transform, resize_size, train_decode_side, train_transform
+from labelloop.runtime.predictor import ModelHolder
+from labelloop.store import (
     ModelBundle,
     ModelStore,
     StoreError,
@@ -64,10 +57,6 @@ from ..store import (
     manifest_for,
     write_model_files,
 )
-from ..thresholds import tune_thresholds
-from ..train import fit, predict, resolve_device
-from ..transforms import eval_transform, resize_size, train_decode_side, train_transform
-from .predictor import ModelHolder
 
 logger = logging.getLogger(__name__)
 
@@ -374,7 +363,9 @@ class Trainer:
         metrics.update(
             n_train=int(train.sum()), n_val=int(val.sum()), n_failed=len(examples) - len(kept)
         )
-        return self._finish(job, base, model_with_head(base, head), space, thresholds, metrics)
+        return self._finish(
+            job, base, model_with_head(base.model, head), space, thresholds, metrics
+        )
 
     # -- full update --------------------------------------------------------------------------
 
@@ -433,7 +424,7 @@ class Trainer:
             transform_eval,
         )
         model = model_with_head(
-            base, extend_head(head_of(base.model), base.label_space.classes, space.classes)
+            base.model, extend_head(head_of(base.model), base.label_space.classes, space.classes)
         )
         pos_weight, _ = compute_pos_weight(train_targets, min_weight=1.0, max_weight=10.0)
         device = resolve_device("auto")
@@ -643,7 +634,7 @@ class Trainer:
 
     def _cold_start_bundle(self, config: LabelConfig) -> ModelBundle:
         """A first model from annotations alone: the configured backbone with an empty head."""
-        from ..store import Manifest
+        from labelloop.store import Manifest
 
         space = LabelSpace.from_mapping({c.name: list(c.choices) for c in config.controls})
         model = build_model(
@@ -718,50 +709,3 @@ def _label_space_for(
         bucket.extend(n for n in new if n not in bucket)
         known.update(new)
     return base.extended(additions) if additions else base
-
-
-_T = TypeVar("_T")
-
-
-def lower_thread_priority(increment: int) -> bool:
-    """Raise the calling thread's nice value by `increment`; False where that is not possible.
-
-    Linux schedules threads individually, and threads created afterwards by this one (torch's
-    OpenMP team) inherit the value. Raising nice needs no privilege; lowering it back does, so
-    only ever call this from a thread made for the purpose.
-    """
-    if increment <= 0 or not sys.platform.startswith("linux"):
-        return False
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(
-            os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment)
-        )
-    except OSError as exc:
-        logger.debug("Cannot lower the training thread's priority: %s", exc)
-        return False
-    return True
-
-
-def run_at_lower_priority(increment: int, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-    """`fn(*args, **kwargs)` in a fresh thread niced by `increment`; its result or exception.
-
-    A fresh thread, not the trainer's own: whatever the trainer thread creates later (the ONNX
-    Runtime session of a promoted model, whose worker threads serve /predict) must keep normal
-    priority, and a thread cannot take its priority back.
-    """
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        lower_thread_priority(increment)
-        try:
-            outcome["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, name="trainer-fit", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]

@@ -20,7 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import fbeta_score, precision_recall_curve
+from sklearn.metrics import (
+    fbeta_score,
+    precision_recall_curve,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -328,3 +331,38 @@ def _validate_inputs(
 def _is_int(value: object) -> bool:
     # bool is an Integral too, but True as a count is almost certainly a mistake.
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def prediction_confidence(
+    y_prob: np.ndarray, thresholds: Sequence[float] | np.ndarray
+) -> np.ndarray:
+    """Per-sample confidence in [0, 1]: how far the least certain class is from its threshold.
+
+    For each class the margin is the distance to the threshold normalised by the
+    room available on that side, so 0 means "exactly at the threshold" and 1 means
+    "at 0 or 1, as far as possible":
+
+        margin_c = (p - t) / (1 - t)  if p >= t
+                   (t - p) / t        otherwise
+
+    The confidence of a sample is ``min_c margin_c``: a single class near its
+    threshold makes the whole image worth a human look. With no classes it is 1.
+    """
+    y_prob = np.asarray(y_prob, dtype=float)
+    if y_prob.ndim != 2:
+        raise ValueError(f"y_prob must be 2-D (n_samples, n_classes), got shape {y_prob.shape}")
+    t = np.broadcast_to(thresholds_array(thresholds, y_prob.shape[1]), y_prob.shape)
+    above = y_prob >= t
+    distance = np.where(above, y_prob - t, t - y_prob)
+    room = np.where(above, 1.0 - t, t)
+    # room == 0 only when p sits exactly on a threshold of 0 or 1: margin 0.
+    margin = np.divide(distance, room, out=np.zeros_like(distance), where=room > 0)
+    confidence = np.min(margin, axis=1, initial=1.0)
+    return np.clip(confidence, 0.0, 1.0)
+
+
+def thresholds_array(thresholds: Sequence[float] | np.ndarray, n_classes: int) -> np.ndarray:
+    t = np.asarray(thresholds, dtype=float).reshape(-1)
+    if t.shape[0] != n_classes:
+        raise ValueError(f"expected {n_classes} thresholds (one per class), got {t.shape[0]}")
+    return t

@@ -30,7 +30,12 @@ from sklearn.metrics import (
     recall_score,
 )
 
-from labelloop.thresholds import ThresholdResult, apply_thresholds
+from labelloop.ml.thresholds import (
+    ThresholdResult,
+    apply_thresholds,
+    prediction_confidence,
+    thresholds_array,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -163,34 +168,6 @@ def _average_precision(y_true: np.ndarray, y_prob: np.ndarray) -> float | None:
 # --------------------------------------------------------------------------- confidence
 
 
-def prediction_confidence(
-    y_prob: np.ndarray, thresholds: Sequence[float] | np.ndarray
-) -> np.ndarray:
-    """Per-sample confidence in [0, 1]: how far the least certain class is from its threshold.
-
-    For each class the margin is the distance to the threshold normalised by the
-    room available on that side, so 0 means "exactly at the threshold" and 1 means
-    "at 0 or 1, as far as possible":
-
-        margin_c = (p - t) / (1 - t)  if p >= t
-                   (t - p) / t        otherwise
-
-    The confidence of a sample is ``min_c margin_c``: a single class near its
-    threshold makes the whole image worth a human look. With no classes it is 1.
-    """
-    y_prob = np.asarray(y_prob, dtype=float)
-    if y_prob.ndim != 2:
-        raise ValueError(f"y_prob must be 2-D (n_samples, n_classes), got shape {y_prob.shape}")
-    t = np.broadcast_to(_thresholds_array(thresholds, y_prob.shape[1]), y_prob.shape)
-    above = y_prob >= t
-    distance = np.where(above, y_prob - t, t - y_prob)
-    room = np.where(above, 1.0 - t, t)
-    # room == 0 only when p sits exactly on a threshold of 0 or 1: margin 0.
-    margin = np.divide(distance, room, out=np.zeros_like(distance), where=room > 0)
-    confidence = np.min(margin, axis=1, initial=1.0)
-    return np.clip(confidence, 0.0, 1.0)
-
-
 # --------------------------------------------------------------------------- predictions CSV
 
 
@@ -287,7 +264,7 @@ def plot_pr_curves(
     y_true = _as_matrix(y_true, "y_true", len(classes), dtype=int)
     y_prob = _as_matrix(y_prob, "y_prob", len(classes), dtype=float)
     _check_rows(y_true.shape[0], y_prob=y_prob)
-    t = None if thresholds is None else _thresholds_array(thresholds, len(classes))
+    t = None if thresholds is None else thresholds_array(thresholds, len(classes))
 
     plotted = [c for c in range(len(classes)) if y_true[:, c].any()]
     if not plotted:
@@ -373,7 +350,7 @@ def write_evaluation(
     classes = [str(c) for c in classes]
     if isinstance(thresholds, ThresholdResult):
         thresholds = thresholds.thresholds
-    t = _thresholds_array(thresholds, len(classes))
+    t = thresholds_array(thresholds, len(classes))
 
     y_pred = apply_thresholds(_as_matrix(y_prob, "y_prob", len(classes), dtype=float), t)
     metrics = compute_metrics(y_true, y_pred, y_prob, classes)
@@ -527,10 +504,3 @@ def _as_label_arrays(
     prob = _as_matrix(y_prob, "y_prob", n_classes, dtype=float)
     _check_rows(true.shape[0], y_pred=pred, y_prob=prob)
     return true, pred, prob
-
-
-def _thresholds_array(thresholds: Sequence[float] | np.ndarray, n_classes: int) -> np.ndarray:
-    t = np.asarray(thresholds, dtype=float).reshape(-1)
-    if t.shape[0] != n_classes:
-        raise ValueError(f"expected {n_classes} thresholds (one per class), got {t.shape[0]}")
-    return t

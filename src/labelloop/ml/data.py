@@ -4,33 +4,26 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import io
 import json
 import logging
-import os
 import re
-import shutil
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
 import pandas as pd
-import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset
+from PIL import Image, UnidentifiedImageError
 
-from .config import DataConfig, SplitConfig
-from .labels import LabelSpace
+from labelloop.config import DataConfig
+from labelloop.labels import LabelSpace
 
 logger = logging.getLogger(__name__)
 
 PLACEHOLDERS = frozenset({"", "nan", "none", "null", "[]", "-", "n/a"})
 _SEPARATORS = re.compile(r"[;,|]")
-SPLIT_NAMES = ("train", "val", "test")
 
 
 class DataError(ValueError):
@@ -152,15 +145,15 @@ def _canonical_names(
 
 
 @dataclass
-class _RawImage:
+class RawImage:
     image_id: str
     path: Path
     labels: dict[str, list[str]]
     sources: list[int]
 
 
-def _finalise(
-    raw_images: Mapping[str, _RawImage],
+def finalise(
+    raw_images: Mapping[str, RawImage],
     config: DataConfig,
     report: DataReport,
     groups: Sequence[str],
@@ -297,7 +290,7 @@ def load_metadata(csv_path: Path, images_dir: Path, config: DataConfig) -> Label
             "Use --image-column / --label-columns to name the right ones."
         )
     report = DataReport(source=str(csv_path), n_rows=len(frame))
-    raw: dict[str, _RawImage] = {}
+    raw: dict[str, RawImage] = {}
     for offset, row in enumerate(frame[needed].itertuples(index=False, name=None)):
         line = offset + 2
         image_id = str(row[0]).strip()
@@ -306,7 +299,7 @@ def load_metadata(csv_path: Path, images_dir: Path, config: DataConfig) -> Label
             continue
         entry = raw.get(image_id)
         if entry is None:
-            entry = raw[image_id] = _RawImage(
+            entry = raw[image_id] = RawImage(
                 image_id, images_dir / image_id, {g: [] for g in config.label_columns}, []
             )
         else:
@@ -316,284 +309,16 @@ def load_metadata(csv_path: Path, images_dir: Path, config: DataConfig) -> Label
             for name in parse_label_cell(cell):
                 if name not in entry.labels[group]:
                     entry.labels[group].append(name)
-    return _finalise(raw, config, report, config.label_columns)
+    return finalise(raw, config, report, config.label_columns)
 
 
 # --- Label Studio export --------------------------------------------------------------------
 
 
-def _choose_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """Ground truth wins; otherwise the most recently updated annotation that was not skipped."""
-    annotations = [
-        a
-        for a in task.get("annotations") or []
-        if isinstance(a, dict) and not a.get("was_cancelled")
-    ]
-    if not annotations:
-        return None
-    return max(
-        annotations,
-        key=lambda a: (
-            bool(a.get("ground_truth")),
-            str(a.get("updated_at") or ""),
-            a.get("id") or 0,
-        ),
-    )
-
-
-def labels_from_result(result: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
-    """Label Studio `result` items -> {Choices control name: labels}."""
-    labels: dict[str, list[str]] = {}
-    for item in result:
-        if not isinstance(item, dict) or item.get("type") != "choices":
-            continue
-        choices = (item.get("value") or {}).get("choices") or []
-        group = labels.setdefault(str(item.get("from_name")), [])
-        group.extend(str(c) for c in choices if str(c) not in group)
-    return labels
-
-
-def resolve_export_image(reference: str, images_dir: Path) -> Path:
-    """Find the local file for a Label Studio image reference (upload, local-files or URL)."""
-    parsed = urlparse(reference)
-    if "local-files" in parsed.path and "d" in parse_qs(parsed.query):
-        relative = unquote(parse_qs(parsed.query)["d"][0])
-    else:
-        relative = unquote(parsed.path).lstrip("/")
-        if relative.startswith("data/upload/"):
-            relative = relative.split("/", 3)[-1]
-    candidates = [images_dir / relative, images_dir / Path(relative).name]
-    # Uploads are renamed to "<8 hex>-<original name>" by Label Studio.
-    match = re.match(r"^[0-9a-f]{8}-(.+)$", Path(relative).name)
-    if match:
-        candidates.append(images_dir / match.group(1))
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    return candidates[0]
-
-
-def load_labelstudio_export(
-    export_path: Path, images_dir: Path, config: DataConfig, *, image_key: str | None = None
-) -> LabelledData:
-    """Read a Label Studio JSON export: each `Choices` control becomes a label group."""
-    try:
-        tasks = json.loads(export_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"Label Studio export {export_path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{export_path} is not valid JSON: {exc}") from None
-    if not isinstance(tasks, list):
-        raise DataError(
-            f"{export_path} must hold a JSON list of tasks (Label Studio 'JSON' export)"
-        )
-    report = DataReport(source=str(export_path), n_rows=len(tasks))
-    raw: dict[str, _RawImage] = {}
-    groups: list[str] = []
-    for position, task in enumerate(tasks):
-        task_id = task.get("id", position) if isinstance(task, dict) else position
-        data = task.get("data") if isinstance(task, dict) else None
-        if not isinstance(data, dict):
-            report.skipped_rows.append({"row": task_id, "reason": "task has no data object"})
-            continue
-        reference = _image_reference(data, image_key)
-        if reference is None:
-            report.skipped_rows.append({"row": task_id, "reason": "task data has no image"})
-            continue
-        annotation = _choose_annotation(task)
-        if annotation is None:
-            report.skipped_rows.append({"row": task_id, "reason": "no usable annotation"})
-            continue
-        labels = labels_from_result(annotation.get("result") or [])
-        for group in labels:
-            if group not in groups:
-                groups.append(group)
-        path = resolve_export_image(reference, images_dir)
-        image_id = (
-            str(path.relative_to(images_dir)) if path.is_relative_to(images_dir) else reference
-        )
-        if image_id in raw:
-            report.merged_rows += 1
-            entry = raw[image_id]
-            for group, names in labels.items():
-                bucket = entry.labels.setdefault(group, [])
-                bucket.extend(n for n in names if n not in bucket)
-            entry.sources.append(int(task_id))
-        else:
-            raw[image_id] = _RawImage(image_id, path, labels, [int(task_id)])
-    if not raw:
-        raise DataError(f"{export_path} has no annotated image tasks to train on")
-    groups.extend(g for g in config.classes if g not in groups)
-    return _finalise(raw, config, report, groups)
-
-
-def _image_reference(data: Mapping[str, Any], image_key: str | None) -> str | None:
-    if image_key is not None:
-        value = data.get(image_key)
-        return value if isinstance(value, str) and value else None
-    for key in ("image", "img", "image_url", "url"):
-        value = data.get(key)
-        if isinstance(value, str) and value:
-            return value
-    return next((v for v in data.values() if isinstance(v, str) and "/" in v), None)
-
-
 # --- splits -----------------------------------------------------------------------------------
-
-
-def stratified_split(targets: np.ndarray, config: SplitConfig) -> dict[str, np.ndarray]:
-    """Deterministic multi-label stratified train/val/test indices (iterative stratification).
-
-    One row per image, so the split is grouped by image. An extra "no labels" column keeps
-    clean images spread across the splits too.
-    """
-    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
-
-    n = len(targets)
-    n_test = int(round(n * config.test_fraction))
-    n_val = int(round(n * config.val_fraction))
-    if n - n_test - n_val < 1 or n_val < 1:
-        raise DataError(
-            f"{n} usable images are too few for val {config.val_fraction:.0%} and test "
-            f"{config.test_fraction:.0%}; label more images or lower the fractions"
-        )
-    strat = np.concatenate([targets, (targets.sum(axis=1) == 0)[:, None]], axis=1).astype(int)
-    indices = np.arange(n)
-
-    def carve(pool: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        if size == 0:
-            return pool, pool[:0]
-        splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=size, random_state=seed)
-        keep, take = next(splitter.split(pool[:, None], strat[pool]))
-        return np.sort(pool[keep]), np.sort(pool[take])
-
-    rest, test = carve(indices, n_test, config.seed)
-    train, val = carve(rest, n_val, config.seed + 1)
-    return {"train": train, "val": val, "test": test}
-
-
-def write_split_manifest(
-    path: Path, samples: Sequence[Sample], splits: Mapping[str, np.ndarray]
-) -> None:
-    rows = [
-        {"image_id": samples[i].image_id, "split": name}
-        for name in SPLIT_NAMES
-        for i in splits.get(name, [])
-    ]
-    pd.DataFrame(rows, columns=["image_id", "split"]).to_csv(path, index=False)
-
-
-def materialize_splits(
-    samples: Sequence[Sample], splits: Mapping[str, np.ndarray], out_dir: Path
-) -> Path:
-    """Hard-link (or copy, across file systems) images into out_dir/{train,val,test}/."""
-    for name, indices in splits.items():
-        folder = out_dir / name
-        for i in indices:
-            sample = samples[i]
-            target = folder / sample.image_id
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():
-                target.unlink()
-            try:
-                os.link(sample.path, target)
-            except OSError:
-                shutil.copy2(sample.path, target)
-    return out_dir
 
 
 # --- class weights ----------------------------------------------------------------------------
 
 
-def compute_pos_weight(
-    targets: np.ndarray, *, min_weight: float, max_weight: float
-) -> tuple[torch.Tensor, list[int]]:
-    """sqrt(negatives / positives) per class, clipped; returns the weights and empty classes.
-
-    A class with no positives gets weight 1: the loss then only teaches it to stay off, which is
-    all the data can say, and nothing is divided by zero.
-    """
-    positives = targets.sum(axis=0)
-    negatives = len(targets) - positives
-    empty = [int(i) for i in np.flatnonzero(positives == 0)]
-    ratio = np.divide(
-        negatives, positives, out=np.ones_like(positives, dtype=np.float64), where=positives > 0
-    )
-    weights = np.clip(np.sqrt(ratio), min_weight, max_weight)
-    weights[empty] = 1.0
-    return torch.tensor(weights, dtype=torch.float32), empty
-
-
 # --- torch Dataset ------------------------------------------------------------------------------
-
-
-_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """The one colour conversion for training and serving alike."""
-    if image.mode in _SIXTEEN_BIT_MODES:
-        # convert() would clip 16-bit values at 255, turning most of the image white.
-        eight_bit = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
-        image = Image.fromarray(eight_bit)
-    # Alpha is dropped, not composited: the model sees the same pixels in training and serving.
-    return image.convert("RGB")
-
-
-def load_rgb(source: Path | bytes, *, min_side: int | None = None) -> Image.Image:
-    """Decode an image file (or its downloaded bytes) as RGB, honouring EXIF orientation.
-
-    With `min_side`, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, several times
-    faster on photos) as long as both sides stay at least `min_side`, as serving decodes them.
-    """
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-        if min_side is not None and img.format == "JPEG":
-            img.draft("RGB", (min_side, min_side))
-        return to_rgb(ImageOps.exif_transpose(img))
-
-
-class ImageDataset(Dataset):
-    """Images (files, or downloaded bytes) with multi-hot targets. Unreadable items yield None
-    and are dropped by the collate."""
-
-    def __init__(
-        self,
-        paths: Sequence[Path | bytes],
-        targets: np.ndarray | None,
-        transform: Callable[[Image.Image], torch.Tensor],
-        *,
-        min_side: int | None = None,
-    ) -> None:
-        if targets is not None and len(targets) != len(paths):
-            raise ValueError(f"{len(paths)} paths but {len(targets)} target rows")
-        self.min_side = min_side  # see load_rgb
-        self.paths = list(paths)
-        self.targets = None if targets is None else torch.as_tensor(targets, dtype=torch.float32)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        try:
-            image = self.transform(load_rgb(self.paths[index], min_side=self.min_side))
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-            item = self.paths[index]
-            logger.warning(
-                "Skipping unreadable image %s: %s",
-                item if isinstance(item, Path) else f"#{index}",
-                exc,
-            )
-            return None
-        target = self.targets[index] if self.targets is not None else torch.empty(0)
-        return image, target, index
-
-
-def collate_skip_none(
-    batch: Sequence[tuple[torch.Tensor, torch.Tensor, int] | None],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    items = [b for b in batch if b is not None]
-    if not items:
-        return None
-    images, targets, indices = zip(*items, strict=True)
-    return torch.stack(images), torch.stack(targets), torch.tensor(indices)

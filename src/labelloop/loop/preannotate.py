@@ -18,10 +18,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .labelstudio.client import LabelStudioClient
-from .labelstudio.images import ImageFetcher
-from .labelstudio.protocol import Task, TaskPrediction
-from .serve.predictor import Predictor
+from labelloop.labelstudio.client import LabelStudioClient
+from labelloop.labelstudio.fetcher import ImageFetcher
+from labelloop.labelstudio.protocol import Task, TaskPrediction
+from labelloop.runtime.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 

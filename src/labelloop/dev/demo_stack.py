@@ -11,15 +11,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TrainConfig
-from .demo import LABEL_GROUPS, generate_demo_dataset
-from .labelstudio.client import LabelStudioClient
-from .labelstudio.launcher import LabelStudioServer, LabelStudioSettings, ensure_label_studio
-from .pipeline import DataSource, TrainOptions, TrainOutcome, run_training
-from .serve.app import build_app
-from .serve.settings import ServeSettings, settings_from
-from .serve.threaded import serve_in_thread
-from .store import ModelStore
+from labelloop.config import TrainConfig
+from labelloop.dev.demo import LABEL_GROUPS, generate_demo_dataset
+from labelloop.dev.launcher import LabelStudioServer, LabelStudioSettings, ensure_label_studio
+from labelloop.dev.threaded import serve_in_thread
+from labelloop.labelstudio.client import LabelStudioClient
+from labelloop.serve.app import build_app
+from labelloop.serve.settings import ServeSettings, settings_from
+from labelloop.store import ModelStore
+from labelloop.training.offline import DataSource, TrainOptions, TrainOutcome, run_training
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from .config import PreprocessConfig
+from labelloop.config import PreprocessConfig
 
 
 def resize_size(config: PreprocessConfig) -> int:

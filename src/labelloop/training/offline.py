@@ -18,31 +18,21 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from . import evaluate as evaluation
-from .config import DataConfig, TrainConfig
-from .data import (
-    DataError,
-    ImageDataset,
-    LabelledData,
-    collate_skip_none,
+from labelloop.config import DataConfig, TrainConfig
+from labelloop.labelstudio.export import load_labelstudio_export
+from labelloop.ml import evaluate as evaluation
+from labelloop.ml.checkpoints import LoadMode, load_into, read_checkpoint
+from labelloop.ml.data import DataError, LabelledData, load_metadata
+from labelloop.ml.dataset import ImageDataset, collate_skip_none
+from labelloop.ml.model import build_model
+from labelloop.ml.splits import (
     compute_pos_weight,
-    load_labelstudio_export,
-    load_metadata,
     materialize_splits,
     stratified_split,
     write_split_manifest,
 )
-from .model import LoadMode, build_model, load_into, read_checkpoint
-from .store import (
-    ModelBundle,
-    ModelStore,
-    load_bundle,
-    manifest_for,
-    write_json_atomic,
-    write_model_files,
-)
-from .thresholds import tune_thresholds
-from .train import (
+from labelloop.ml.thresholds import tune_thresholds
+from labelloop.ml.train import (
     DistInfo,
     cleanup_distributed,
     fit,
@@ -50,7 +40,15 @@ from .train import (
     predict,
     resolve_device,
 )
-from .transforms import eval_transform, resize_size, train_decode_side, train_transform
+from labelloop.ml.transforms import eval_transform, resize_size, train_decode_side, train_transform
+from labelloop.store import (
+    ModelBundle,
+    ModelStore,
+    load_bundle,
+    manifest_for,
+    write_json_atomic,
+    write_model_files,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torchvision import models
 
-from .model import CheckpointError, unwrap_state_dict
+from labelloop.ml.checkpoints import CheckpointError, unwrap_state_dict
 
 logger = logging.getLogger(__name__)
 

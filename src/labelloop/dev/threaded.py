@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
-from ..labelstudio.launcher import free_port
+from labelloop.dev.launcher import free_port
 
 
 @contextmanager

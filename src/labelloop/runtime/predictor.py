@@ -22,13 +22,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..inference import Runner, build_runner
-from ..labelstudio.images import ImageFetcher, ImageFetchError
-from ..labelstudio.label_config import ControlMapping, LabelConfig, map_controls, parse_label_config
-from ..labelstudio.protocol import Task, TaskPrediction
-from ..labelstudio.results import ResultValidationError, build_predictions, validate_prediction
-from ..store import ModelBundle, load_bundle
-from ..transforms import eval_transform, resize_size
+from labelloop.labelstudio.fetcher import ImageFetcher
+from labelloop.labelstudio.label_config import (
+    ControlMapping,
+    LabelConfig,
+    map_controls,
+    parse_label_config,
+)
+from labelloop.labelstudio.protocol import Task, TaskPrediction
+from labelloop.labelstudio.results import (
+    ResultValidationError,
+    build_predictions,
+    validate_prediction,
+)
+from labelloop.labelstudio.urls import ImageFetchError
+from labelloop.ml.transforms import eval_transform, resize_size
+from labelloop.runtime.inference import Runner, build_runner
+from labelloop.store import ModelBundle, load_bundle
 
 logger = logging.getLogger(__name__)
 

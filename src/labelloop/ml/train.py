@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import OptimConfig
+from labelloop.config import OptimConfig
 
 logger = logging.getLogger(__name__)
 
