@@ -44,7 +44,7 @@ import logging, sys
 import uvicorn
 from labelloop.serve.app import build_app
 from labelloop.serve.settings import settings_from
-from labelloop.serve.trainer import TrainerSettings
+from labelloop.loop.updates import TrainerSettings
 model_dir, port, epochs, nice = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 settings = settings_from({"model_dir": model_dir, "port": port, "refresh": False})

@@ -33,7 +33,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labelloop.labelstudio.annotations import AnnotationRecord, parse_timestamp
+from labelloop.labelstudio.annotations import (
+    AnnotationRank,
+    AnnotationRecord,
+    parse_timestamp,
+    winning_annotation,
+)
+from labelloop.loop.jobs import JobState
 from labelloop.store import StoreError
 
 logger = logging.getLogger(__name__)
@@ -49,8 +55,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-# "skipped": the trainer had nothing to train on yet (no label config, cold start).
-JOB_STATES = frozenset({"queued", "running", "succeeded", "rejected", "skipped", "failed"})
+# Stored as plain strings; loop.jobs.JobState says what each means.
+JOB_STATES = frozenset(str(state) for state in JobState)
 _INTERRUPTED = "interrupted (backend restarted)"
 # Columns `_project_value` may read: the name goes into SQL, so only these.
 _PROJECT_COLUMNS = frozenset({"label_config", "change_seq", "last_change_at"})
@@ -386,17 +392,28 @@ class Ledger:
 
     def create_job(self, project_id: int, kind: str, trigger: str) -> Job:
         """A new job in state "queued", requested now."""
-        for name, value in (("kind", kind), ("trigger", trigger)):
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"a job needs a non-empty {name} string, got {value!r}")
+        _check_job_request(kind, trigger)
         with self._write() as conn:
-            _ensure_projects(conn, {project_id})
-            cursor = conn.execute(
-                "INSERT INTO jobs (project_id, kind, trigger, state, requested_at) "
-                "VALUES (?, ?, ?, 'queued', ?)",
-                (project_id, kind, trigger, time.time()),
-            )
-            job = _job(conn, _require_int(cursor.lastrowid, "job id"))
+            job = _insert_job(conn, project_id, kind, trigger)
+        logger.info("Queued %s job %d for project %d (%s)", kind, job.id, project_id, trigger)
+        return job
+
+    def request_job(self, project_id: int, kind: str, trigger: str) -> Job:
+        """The project's queued job of this kind, or a new one: requests coalesce.
+
+        Check and insert share one write transaction, so concurrent requests (threads, or
+        processes on the same file) never queue the same kind twice.
+        """
+        _check_job_request(kind, trigger)
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT id FROM jobs WHERE project_id = ? AND kind = ? AND state = 'queued' "
+                "ORDER BY id LIMIT 1",
+                (project_id, kind),
+            ).fetchone()
+            if row is not None:
+                return _job(conn, int(row[0]))
+            job = _insert_job(conn, project_id, kind, trigger)
         logger.info("Queued %s job %d for project %d (%s)", kind, job.id, project_id, trigger)
         return job
 
@@ -465,6 +482,22 @@ class Ledger:
 
 
 # --------------------------------------------------------------------------- SQL helpers
+
+
+def _check_job_request(kind: str, trigger: str) -> None:
+    for name, value in (("kind", kind), ("trigger", trigger)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"a job needs a non-empty {name} string, got {value!r}")
+
+
+def _insert_job(conn: sqlite3.Connection, project_id: int, kind: str, trigger: str) -> Job:
+    _ensure_projects(conn, {project_id})
+    cursor = conn.execute(
+        "INSERT INTO jobs (project_id, kind, trigger, state, requested_at) "
+        "VALUES (?, ?, ?, 'queued', ?)",
+        (project_id, str(kind), trigger, time.time()),
+    )
+    return _job(conn, _require_int(cursor.lastrowid, "job id"))
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -637,11 +670,18 @@ def _training_set(conn: sqlite3.Connection, project_id: int) -> list[TrainingExa
 
 
 def _pick(rows: Sequence[sqlite3.Row]) -> sqlite3.Row | None:
-    """The annotation that labels a task: skips (cancelled) never count; a ground truth beats
-    any other, however old; among equals the latest (updated_at, then id) wins."""
-    answered = [row for row in rows if not row["was_cancelled"]]
-    candidates = [row for row in answered if row["ground_truth"]] or answered
-    return max(candidates, key=lambda r: (r["updated_ts"], r["annotation_id"]), default=None)
+    """The annotation that labels a task (``winning_annotation``: skips never count, a ground
+    truth beats any other, then the latest updated_ts, then the higher id)."""
+    return winning_annotation(rows, _rank)
+
+
+def _rank(row: sqlite3.Row) -> AnnotationRank:
+    return AnnotationRank(
+        was_cancelled=bool(row["was_cancelled"]),
+        ground_truth=bool(row["ground_truth"]),
+        updated_ts=row["updated_ts"],
+        annotation_id=row["annotation_id"],
+    )
 
 
 def _job(conn: sqlite3.Connection, job_id: int) -> Job:
@@ -719,6 +759,8 @@ def _job_value(name: str, value: object) -> object:
         raise ValueError(f"job field {name} must be {expected} or None, got {value!r}")
     if name == "metrics":
         return json.dumps(_json_safe(value, "metrics"))
+    if isinstance(value, str):
+        return str(value)  # an enum member (JobState) is stored as its plain value
     return value
 
 

@@ -15,7 +15,6 @@ from collections import Counter
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-import httpx
 from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -35,7 +34,7 @@ from labelloop.labelstudio.protocol import (
     WebhookEvent,
     project_id_from,
 )
-from labelloop.labelstudio.urls import FetchSettings
+from labelloop.labelstudio.urls import BaseURLError, FetchSettings, http_base_url
 from labelloop.loop.ledger import Ledger
 from labelloop.loop.preannotate import Refresher
 from labelloop.loop.trainer import Trainer, TrainerSettings
@@ -116,12 +115,12 @@ class FetcherRegistry:
         warnings: list[str] = []
         hostname = (hostname or "").strip().rstrip("/")
         token = (token or "").strip()
-        if hostname and not _usable_base_url(hostname):
-            warnings.append(
-                "ignored the hostname /setup sent: not an http(s) URL with a host "
-                "(set LABEL_STUDIO_URL)"
-            )
-            hostname = ""
+        if hostname:
+            try:
+                http_base_url(hostname, "the hostname /setup sent")
+            except BaseURLError as exc:
+                warnings.append(f"ignored {exc} (set LABEL_STUDIO_URL)")
+                hostname = ""
         if token and not _header_safe(token):
             warnings.append("ignored the access token /setup sent: not a printable ASCII token")
             token = ""
@@ -173,15 +172,6 @@ class FetcherRegistry:
             for fetcher in self._fetchers.values():
                 fetcher.close()
             self._fetchers.clear()
-
-
-def _usable_base_url(url: str) -> bool:
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError, ValueError):
-        return False
-    # No user:password@: credentials in a URL end up in logs and error messages.
-    return parsed.scheme in ("http", "https") and bool(parsed.host) and not parsed.userinfo
 
 
 def _header_safe(token: str) -> bool:
@@ -404,15 +394,7 @@ def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None 
     predictor = Predictor(holder, batch_size=settings.batch_size, workers=settings.fetch_workers)
     ledger = Ledger(settings.model_dir / "ledger.sqlite3")
     (settings.model_dir / "cache").mkdir(exist_ok=True)
-    trainer = Trainer(
-        store=ModelStore(settings.model_dir),
-        ledger=ledger,
-        holder=holder,
-        fetcher=fetchers.current,
-        label_studio=fetchers.client,
-        embeddings=EmbeddingCache(settings.model_dir / "cache" / "embeddings.sqlite3"),
-        settings=trainer_settings or TrainerSettings(),
-    )
+    refresher = None
     if settings.refresh or settings.rename_backend:
         refresher = Refresher(
             predictor,
@@ -422,7 +404,16 @@ def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None 
             refresh=settings.refresh,
             rename_backend=settings.backend_url if settings.rename_backend else None,
         )
-        trainer.on_promote = refresher.on_promote
+    trainer = Trainer(
+        store=ModelStore(settings.model_dir),
+        ledger=ledger,
+        holder=holder,
+        fetcher=fetchers.current,
+        label_studio=fetchers.client,
+        embeddings=EmbeddingCache(settings.model_dir / "cache" / "embeddings.sqlite3"),
+        settings=trainer_settings or TrainerSettings(),
+        on_promote=refresher.on_promote if refresher is not None else None,
+    )
     return create_app(
         settings, holder, predictor=predictor, fetchers=fetchers, ledger=ledger, trainer=trainer
     )

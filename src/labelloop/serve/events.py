@@ -7,8 +7,9 @@ from typing import Any
 
 from labelloop.labelstudio.annotations import deleted_ids_from_event, records_from_event
 from labelloop.labelstudio.protocol import WebhookEvent
+from labelloop.loop.jobs import JobKind
 from labelloop.loop.ledger import Ledger
-from labelloop.loop.trainer import FAST, FULL, Trainer
+from labelloop.loop.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +45,11 @@ def record_event(event: WebhookEvent, ledger: Ledger, trainer: Trainer | None) -
         if project_id is None or trainer is None:
             return {"queued": []}
         # Fast first (a better model in seconds), then the full fine-tune.
-        jobs = trainer.request(project_id, [FAST, FULL], "start_training")
+        jobs = trainer.request(project_id, [JobKind.FAST, JobKind.FULL], "start_training")
         return {"queued": [job.id for job in jobs]}
     if action == "PROJECT_UPDATED":
         if config_changed and trainer is not None and project_id is not None:
             # New choices extend the head; a fast update adds them without losing the rest.
-            trainer.request(project_id, [FAST], "label_config_changed")
+            trainer.request(project_id, [JobKind.FAST], "label_config_changed")
         return {"label_config_changed": config_changed}
     return {"ignored": True}

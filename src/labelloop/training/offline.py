@@ -23,32 +23,27 @@ from labelloop.labelstudio.export import load_labelstudio_export
 from labelloop.ml import evaluate as evaluation
 from labelloop.ml.checkpoints import LoadMode, load_into, read_checkpoint
 from labelloop.ml.data import DataError, LabelledData, load_metadata
-from labelloop.ml.dataset import ImageDataset, collate_skip_none
 from labelloop.ml.model import build_model
 from labelloop.ml.splits import (
-    compute_pos_weight,
     materialize_splits,
     stratified_split,
     write_split_manifest,
 )
-from labelloop.ml.thresholds import tune_thresholds
+from labelloop.ml.thresholds import prediction_confidence
 from labelloop.ml.train import (
     DistInfo,
     cleanup_distributed,
-    fit,
     init_distributed,
     predict,
     resolve_device,
 )
-from labelloop.ml.transforms import eval_transform, resize_size, train_decode_side, train_transform
 from labelloop.store import (
     ModelBundle,
     ModelStore,
     load_bundle,
-    manifest_for,
     write_json_atomic,
-    write_model_files,
 )
+from labelloop.training.core import fine_tune, image_loader, publish, tune
 
 logger = logging.getLogger(__name__)
 
@@ -100,27 +95,6 @@ def seed_everything(seed: int) -> torch.Generator:
     return generator
 
 
-def _loader(
-    dataset: ImageDataset,
-    *,
-    batch_size: int,
-    num_workers: int,
-    shuffle: bool = False,
-    sampler: DistributedSampler | None = None,
-    generator: torch.Generator | None = None,
-) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate_skip_none,
-        generator=generator,
-        persistent_workers=num_workers > 0,
-    )
-
-
 def _resolve_init(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
     """A checkpoint file, or any model folder load_bundle understands; returns state and version."""
     if path.is_dir():
@@ -166,18 +140,6 @@ def _run_training(
         len(splits["val"]),
         len(splits["test"]),
     )
-    pos_weight, empty = compute_pos_weight(
-        targets[splits["train"]],
-        min_weight=config.optim.pos_weight_min,
-        max_weight=config.optim.pos_weight_max,
-    )
-    if empty:
-        logger.warning(
-            "No positive training example for %s: the model can only learn to keep them off. "
-            "Label more images with them.",
-            ", ".join(label_space.classes[i] for i in empty),
-        )
-
     parent_version = None
     model = build_model(
         config.model.backbone,
@@ -195,46 +157,38 @@ def _run_training(
     device = resolve_device(config.optim.device)
     paths = [s.path for s in data.samples]
 
-    def subset(name: str, train: bool) -> ImageDataset:
-        idx = splits[name]
-        if train:
-            transform, side = (
-                train_transform(config.preprocess),
-                train_decode_side(config.preprocess),
-            )
-        else:
-            transform, side = eval_transform(config.preprocess), resize_size(config.preprocess)
-        # Large JPEGs decode at the smallest DCT scale that still covers what the transform
-        # needs, as serving and the background trainer do.
-        return ImageDataset([paths[i] for i in idx], targets[idx], transform, min_side=side)
-
-    train_set = subset("train", train=True)
-    sampler = (
-        DistributedSampler(train_set, shuffle=True, seed=config.split.seed)
-        if dist_info.enabled
-        else None
-    )
     opt = config.optim
-    train_loader = _loader(
-        train_set,
-        batch_size=opt.batch_size,
-        num_workers=opt.num_workers,
-        shuffle=True,
-        sampler=sampler,
-        generator=generator,
-    )
-    val_loader = _loader(
-        subset("val", train=False), batch_size=opt.batch_size, num_workers=opt.num_workers
-    )
 
-    store = ModelStore(options.model_dir)
+    def subset(name: str, *, train: bool, sampler: bool = False) -> DataLoader:
+        idx = splits[name]
+        items = [paths[i] for i in idx]
+        dist_sampler = (
+            DistributedSampler(items, shuffle=True, seed=config.split.seed)  # type: ignore[arg-type]
+            if sampler and dist_info.enabled
+            else None
+        )
+        return image_loader(
+            items,
+            targets[idx],
+            config.preprocess,
+            train=train,
+            batch_size=opt.batch_size,
+            num_workers=opt.num_workers,
+            sampler=dist_sampler,
+            generator=generator if train else None,
+        )
+
+    train_loader = subset("train", train=True, sampler=True)
+    val_loader = subset("val", train=False)
+
     work_dir = options.model_dir / "work" / _work_key(config, data.report.fingerprint)
-    result = fit(
+    result = fine_tune(
         model,
         train_loader,
         val_loader,
-        pos_weight=pos_weight,
-        config=opt,
+        train_targets=targets[splits["train"]],
+        classes=label_space.classes,
+        optim=opt,
         device=device,
         work_dir=work_dir,
         resume=options.resume,
@@ -247,38 +201,27 @@ def _run_training(
     val_probs, val_true, _, _ = predict(
         model, val_loader, device, desc="val probabilities", show_progress=options.show_progress
     )
-    th = config.thresholds
-    tuned = tune_thresholds(
-        val_true,
-        val_probs,
-        beta=th.beta,
-        default=th.default,
-        min_positives=th.min_positives,
-        min_threshold=th.min_threshold,
-        max_threshold=th.max_threshold,
-    )
-    thresholds = [float(t) for t in tuned.thresholds]
+    tuned = tune(val_true, val_probs, config.thresholds, label_space.classes)
+    thresholds = tuned.values
 
-    version = store.next_version_name()
-    with store.staging() as staged:
-        write_model_files(staged, model, label_space, thresholds)
+    def evaluate_into(staged: Path, version: str) -> dict[str, Any]:
+        """Splits, data report, thresholds and the test evaluation, written into the version."""
         write_split_manifest(staged / "splits.csv", data.samples, splits)
         write_json_atomic(staged / "data_report.json", data.report.to_dict())
-        write_json_atomic(staged / "thresholds_detail.json", tuned.to_dict(label_space.classes))
+        write_json_atomic(
+            staged / "thresholds_detail.json", tuned.detail.to_dict(label_space.classes)
+        )
         write_json_atomic(staged / "config.json", config.model_dump(mode="json"))
         if (work_dir / "history.csv").is_file():
             shutil.copy2(work_dir / "history.csv", staged / "history.csv")
-
-        test_metrics, report_path = None, None
+        test_metrics = None
         if len(splits["test"]):
-            test_loader = _loader(
-                subset("test", train=False), batch_size=opt.batch_size, num_workers=opt.num_workers
-            )
+            test_loader = subset("test", train=False)
             probs, true, index, _ = predict(
                 model, test_loader, device, desc="test", show_progress=options.show_progress
             )
             test_ids = [data.samples[splits["test"][i]].image_id for i in index]
-            evaluated = evaluation.write_evaluation(
+            test_metrics = evaluation.write_evaluation(
                 staged / "evaluation",
                 image_ids=test_ids,
                 classes=label_space.classes,
@@ -293,33 +236,39 @@ def _run_training(
                     "data": source.metadata or source.labelstudio_export,
                     "best epoch": result.best_epoch,
                 },
-            )
-            test_metrics = evaluated.metrics
+            ).metrics
         else:
             logger.warning("No test split (test_fraction is 0): the model is published unevaluated")
+        evaluated["test"] = test_metrics
+        return {
+            "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early,
+            "val": result.history[result.best_epoch - 1] if result.history else {},
+            "test": _summary(test_metrics),
+        }
 
-        manifest = manifest_for(
-            version=version,
-            backbone=config.model.backbone,
-            dropout=config.model.dropout,
-            label_space=label_space,
-            preprocess=config.preprocess,
-            parent_version=parent_version,
-            training_config=config.model_dump(mode="json"),
-            metrics={
-                "best_epoch": result.best_epoch,
-                "stopped_early": result.stopped_early,
-                "val": result.history[result.best_epoch - 1] if result.history else {},
-                "test": _summary(test_metrics),
-            },
-            data={
-                "source": str(source.metadata or source.labelstudio_export),
-                "images": str(source.images),
-                "fingerprint": data.report.fingerprint,
-                "splits": {name: int(len(idx)) for name, idx in splits.items()},
-            },
-        )
-        version_dir = store.publish(staged, manifest)
+    evaluated: dict[str, Any] = {}
+    published = publish(
+        ModelStore(options.model_dir),
+        model=model,
+        label_space=label_space,
+        thresholds=thresholds,
+        backbone=config.model.backbone,
+        dropout=config.model.dropout,
+        preprocess=config.preprocess,
+        parent_version=parent_version,
+        training_config=config.model_dump(mode="json"),
+        metrics=evaluate_into,
+        data={
+            "source": str(source.metadata or source.labelstudio_export),
+            "images": str(source.images),
+            "fingerprint": data.report.fingerprint,
+            "splits": {name: int(len(idx)) for name, idx in splits.items()},
+        },
+    )
+    version, version_dir = published.version, published.path
+    test_metrics = evaluated.get("test")
+    report_path = None
     if test_metrics is not None:
         report_path = version_dir / "evaluation" / "report.md"
     if options.materialize_splits_to is not None:
@@ -367,15 +316,12 @@ def evaluate_model(
     data = source.load(_data_config_for(bundle, data_config))
     targets = bundle.label_space.binarize(s.all_labels() for s in data.samples)
     device = resolve_device(device_spec)
-    loader = _loader(
-        ImageDataset(
-            [s.path for s in data.samples],
-            targets,
-            eval_transform(bundle.preprocess),
-            min_side=resize_size(bundle.preprocess),
-        ),
+    loader = image_loader(
+        [s.path for s in data.samples],
+        targets,
+        bundle.preprocess,
+        train=False,
         batch_size=batch_size,
-        num_workers=0,
     )
     probs, true, index, _ = predict(
         bundle.model.to(device), loader, device, desc="evaluate", show_progress=show_progress
@@ -407,15 +353,9 @@ def predict_images(
     """One row per image: probabilities, predicted labels, confidence, or the read error."""
     bundle = load_bundle(model_path)
     device = resolve_device(device_spec)
-    dataset = ImageDataset(
-        list(images),
-        None,
-        eval_transform(bundle.preprocess),
-        min_side=resize_size(bundle.preprocess),
-    )
     probs, _, index, _ = predict(
         bundle.model.to(device),
-        _loader(dataset, batch_size=batch_size, num_workers=0),
+        image_loader(list(images), None, bundle.preprocess, train=False, batch_size=batch_size),
         device,
         show_progress=show_progress,
     )
@@ -425,7 +365,7 @@ def predict_images(
         for p in images
     ]
     if len(probs):
-        confidence = evaluation.prediction_confidence(probs, thresholds)
+        confidence = prediction_confidence(probs, thresholds)
         for row_probs, i, conf in zip(probs, index, confidence, strict=True):
             rows[i] = {
                 "image": str(images[i]),

@@ -1,4 +1,4 @@
-"""Where training jobs run: the job-runner seam and today's in-process thread."""
+"""Run CPU-heavy training at a lower priority than request handling, in a thread made for it."""
 
 from __future__ import annotations
 

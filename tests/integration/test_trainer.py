@@ -1,0 +1,441 @@
+"""The background trainer with a real model, ledger, embedding cache and image fetcher (images
+read from a local-files document root, exactly as the server reads them)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from labelloop.labelstudio.annotations import AnnotationRecord
+from labelloop.labelstudio.fetcher import ImageFetcher
+from labelloop.labelstudio.urls import FetchSettings
+from labelloop.loop.ledger import Ledger
+from labelloop.loop.priority import run_at_lower_priority
+from labelloop.loop.trainer import Trainer, TrainerSettings, split_of
+from labelloop.ml.embeddings import EmbeddingCache
+from labelloop.ml.head import head_of
+from labelloop.ml.transforms import resize_size, train_decode_side
+from labelloop.runtime.predictor import LoadedModel, ModelHolder
+from labelloop.training import core as training_core
+from labelloop.store import ModelStore, load_bundle
+
+PROJECT = 7
+
+
+def config_xml(extra_defect: str | None = None) -> str:
+    defects = ["scratch", "crack", "rust", "dent"] + ([extra_defect] if extra_defect else [])
+    components = ["bolt", "nut", "washer", "gear", "bracket"]
+
+    def choices(name: str, values: list[str]) -> str:
+        inner = "".join(f'<Choice value="{v}"/>' for v in values)
+        return f'<Choices name="{name}" toName="image" choice="multiple">{inner}</Choices>'
+
+    return (
+        '<View><Image name="image" value="$image"/>'
+        f"{choices('components', components)}{choices('defects', defects)}</View>"
+    )
+
+
+def truth(demo_dataset) -> dict[str, dict[str, tuple[str, ...]]]:
+    with demo_dataset.metadata_csv.open() as handle:
+        return {
+            row["image_id"]: {
+                "components": tuple(x for x in row["components"].split(";") if x),
+                "defects": tuple(x for x in row["defects"].split(";") if x),
+            }
+            for row in csv.DictReader(handle)
+        }
+
+
+def records(demo_dataset, n: int, *, start: int = 0, relabel=None) -> list[AnnotationRecord]:
+    labels = truth(demo_dataset)
+    names = sorted(labels)[start : start + n]
+    return [
+        AnnotationRecord(
+            project_id=PROJECT,
+            annotation_id=1000 + start + i,
+            task_id=1 + start + i,
+            image_ref=f"/data/local-files/?d=images/{name}",
+            labels=relabel(labels[name]) if relabel else labels[name],
+            updated_at=f"2026-11-25T00:00:{i % 60:02d}Z",
+            was_cancelled=False,
+            ground_truth=False,
+            completed_by=1,
+        )
+        for i, name in enumerate(names)
+    ]
+
+
+@pytest.fixture()
+def setup(trained_model, demo_dataset, tmp_path: Path):
+    """A copy of the trained model dir, a ledger, and a trainer reading the demo images."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_model[0], model_dir)
+    holder = ModelHolder(LoadedModel.from_bundle(load_bundle(model_dir)))
+    ledger = Ledger(model_dir / "ledger.sqlite3")
+    ledger.set_label_config(PROJECT, config_xml())
+    fetcher = ImageFetcher(
+        FetchSettings(label_studio_url="http://127.0.0.1:1", document_root=demo_dataset.root),
+        None,
+    )
+    cache = EmbeddingCache(tmp_path / "embeddings.sqlite3")
+
+    def make(**settings) -> Trainer:
+        return Trainer(
+            store=ModelStore(model_dir),
+            ledger=ledger,
+            holder=holder,
+            fetcher=lambda: fetcher,
+            embeddings=cache,
+            settings=TrainerSettings(poll_seconds=0.05, **settings),
+        )
+
+    yield model_dir, holder, ledger, make
+    fetcher.close()
+    cache.close()
+    ledger.close()
+
+
+def wait_for_job(ledger: Ledger, job_id: int, timeout_s: float = 120) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = ledger.job(job_id)
+        if job.state not in ("queued", "running"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} still {ledger.job(job_id).state} after {timeout_s} s")
+
+
+def test_split_is_stable_and_roughly_proportional() -> None:
+    settings = TrainerSettings(holdout_percent=20, val_percent=20)
+    splits = [split_of(t, settings) for t in range(2000)]
+    assert splits == [split_of(t, settings) for t in range(2000)]
+    share = splits.count("holdout") / len(splits)
+    assert 0.15 < share < 0.25
+
+
+def test_requests_coalesce(setup) -> None:
+    _, _, ledger, make = setup
+    trainer = make()
+    first = trainer.request(PROJECT, ["fast"], "start_training")
+    second = trainer.request(PROJECT, ["fast"], "auto")
+    assert [j.id for j in first] == [j.id for j in second]
+    assert len(ledger.pending_jobs()) == 1
+
+
+def test_auto_training_after_n_changes_then_a_fast_update_promotes(setup, demo_dataset) -> None:
+    model_dir, holder, ledger, make = setup
+    before = holder.current.version
+    trainer = make(auto_train_after=40, quiet_seconds=3600)
+    trainer.start()
+    try:
+        ledger.upsert(records(demo_dataset, 39))
+        trainer.notify_change()
+        time.sleep(0.5)
+        assert ledger.jobs(project_id=PROJECT) == []  # 39 < 40 and not quiet for an hour
+        ledger.upsert(records(demo_dataset, 41, start=39))
+        trainer.notify_change()
+        deadline = time.monotonic() + 10
+        while not ledger.jobs(project_id=PROJECT) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [job] = ledger.jobs(project_id=PROJECT)
+        assert job.trigger == "auto"
+        done = wait_for_job(ledger, job.id)
+    finally:
+        trainer.stop()
+    assert done.state in ("succeeded", "rejected"), done.error
+    assert done.metrics["n_train"] + done.metrics["n_val"] + done.metrics["n_holdout"] == 80
+    store = ModelStore(model_dir)
+    assert done.candidate_version in store.versions()
+    manifest = store.manifest(done.candidate_version)
+    assert manifest.parent_version == before
+    if done.state == "succeeded":
+        assert holder.current.version == done.candidate_version == store.current_version()
+        assert done.candidate_version.startswith("v2-")
+    else:
+        assert holder.current.version == before == store.current_version()
+
+
+def test_quiet_period_triggers_training(setup, demo_dataset) -> None:
+    _, _, ledger, make = setup
+    trainer = make(auto_train_after=1000, quiet_seconds=0.3)
+    trainer.start()
+    try:
+        ledger.upsert(records(demo_dataset, 5))
+        deadline = time.monotonic() + 10
+        while not ledger.jobs(project_id=PROJECT) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ledger.jobs(project_id=PROJECT), "no job after the quiet period"
+    finally:
+        trainer.stop()
+
+
+def test_new_choice_extends_the_head_and_keeps_old_weights(setup, demo_dataset) -> None:
+    model_dir, holder, ledger, make = setup
+    old = holder.current.bundle
+    ledger.set_label_config(PROJECT, config_xml(extra_defect="corrosion"))
+
+    def add_corrosion(labels):
+        return {**labels, "defects": (*labels["defects"], "corrosion")}
+
+    ledger.upsert(records(demo_dataset, 30))
+    ledger.upsert(records(demo_dataset, 20, start=30, relabel=add_corrosion))
+    trainer = make(tolerance=1.0)  # promote whatever comes out: this test is about the head
+    [job] = trainer.request(PROJECT, ["fast"], "label_config_changed")
+    trainer.start()
+    try:
+        done = wait_for_job(ledger, job.id)
+    finally:
+        trainer.stop()
+    assert done.state == "succeeded", done.error
+    new = holder.current.bundle
+    assert new.label_space.as_dict()["defects"] == ["scratch", "crack", "rust", "dent", "corrosion"]
+    assert new.classes[: len(old.classes)] == old.classes
+    # The backbone is untouched by a fast update.
+    assert torch.equal(new.model.conv1.weight, old.model.conv1.weight)
+    assert head_of(new.model).weight.shape[0] == len(old.classes) + 1
+
+
+def test_cold_start_waits_for_labels_then_trains(tmp_path: Path, demo_dataset) -> None:
+    model_dir = tmp_path / "empty"
+    model_dir.mkdir()
+    ledger = Ledger(model_dir / "ledger.sqlite3")
+    ledger.set_label_config(PROJECT, config_xml())
+    holder = ModelHolder(None)
+    fetcher = ImageFetcher(
+        FetchSettings(label_studio_url="http://127.0.0.1:1", document_root=demo_dataset.root), None
+    )
+    trainer = Trainer(
+        store=ModelStore(model_dir),
+        ledger=ledger,
+        holder=holder,
+        fetcher=lambda: fetcher,
+        embeddings=EmbeddingCache(tmp_path / "e.sqlite3"),
+        settings=TrainerSettings(
+            poll_seconds=0.05,
+            min_labels_per_control=3,
+            cold_start_weights="none",
+            cold_start_image_size=32,
+        ),
+    )
+    ledger.upsert(
+        records(demo_dataset, 1, relabel=lambda labels: {"components": ("bolt",), "defects": ()})
+    )
+    [job] = trainer.request(PROJECT, ["fast"], "start_training")
+    trainer.start()
+    try:
+        skipped = wait_for_job(ledger, job.id)
+        assert skipped.state == "skipped" and "defects: 0/3" in skipped.error
+        assert holder.current is None  # empty predictions, not random ones
+        ledger.upsert(records(demo_dataset, 40, start=1))
+        [job] = trainer.request(PROJECT, ["fast"], "start_training")
+        done = wait_for_job(ledger, job.id)
+    finally:
+        trainer.stop()
+        fetcher.close()
+    assert done.state == "succeeded", done.error
+    assert holder.current is not None
+    assert holder.current.bundle.label_space.group_names == ["components", "defects"]
+
+
+def test_a_failing_job_is_recorded_and_the_model_keeps_serving(setup, demo_dataset) -> None:
+    _, holder, ledger, make = setup
+    before = holder.current.version
+    broken = [
+        AnnotationRecord(
+            PROJECT,
+            5000 + i,
+            900 + i,
+            "/data/local-files/?d=../../etc/passwd",
+            {"components": ("bolt",), "defects": ()},
+            "2026-11-25T00:00:00Z",
+            False,
+            False,
+            1,
+        )
+        for i in range(10)
+    ]
+    ledger.upsert(broken)
+    trainer = make()
+    [job] = trainer.request(PROJECT, ["fast"], "start_training")
+    trainer.start()
+    try:
+        done = wait_for_job(ledger, job.id)
+    finally:
+        trainer.stop()
+    assert done.state in ("skipped", "failed")
+    assert holder.current.version == before
+
+
+def test_interrupted_jobs_are_failed_and_requeued_on_start(setup) -> None:
+    _, _, ledger, make = setup
+    job = ledger.create_job(PROJECT, "fast", "auto")
+    ledger.update_job(job.id, state="running", started_at=time.time())
+    trainer = make()
+    trainer.start()
+    trainer.stop()
+    assert ledger.job(job.id).state == "failed"
+    assert "interrupted" in ledger.job(job.id).error
+    assert any(j.trigger == "recovery" for j in ledger.jobs(project_id=PROJECT))
+
+
+def test_a_second_update_reuses_cached_embeddings(setup, demo_dataset, monkeypatch) -> None:
+    import labelloop.ml.embeddings as incremental
+
+    _, _, ledger, make = setup
+    ledger.upsert(records(demo_dataset, 60))
+    embedded: list[int] = []
+    real = incremental.extract_features
+
+    def counting(model, batch, **kwargs):
+        embedded.append(len(batch))
+        return real(model, batch, **kwargs)
+
+    monkeypatch.setattr(incremental, "extract_features", counting)
+    trainer = make(tolerance=1.0)
+    trainer.start()
+    try:
+        [job] = trainer.request(PROJECT, ["fast"], "start_training")
+        assert wait_for_job(ledger, job.id).state == "succeeded"
+        assert sum(embedded) == 60
+        # A fast update keeps the backbone, so every embedding stays valid.
+        ledger.upsert(records(demo_dataset, 5, start=60))
+        [job] = trainer.request(PROJECT, ["fast"], "start_training")
+        assert wait_for_job(ledger, job.id).state == "succeeded"
+    finally:
+        trainer.stop()
+    assert sum(embedded) == 65
+
+
+def test_rollback_is_served_without_a_restart(setup, demo_dataset) -> None:
+    model_dir, holder, ledger, make = setup
+    first = holder.current.version
+    ledger.upsert(records(demo_dataset, 40))
+    trainer = make(tolerance=1.0)
+    trainer.start()
+    try:
+        [job] = trainer.request(PROJECT, ["fast"], "start_training")
+        assert wait_for_job(ledger, job.id).state == "succeeded"
+        assert holder.current.version != first
+        ModelStore(model_dir).set_current(first)  # what `labelloop rollback` does
+        deadline = time.monotonic() + 10
+        while holder.current.version != first and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        trainer.stop()
+    assert holder.current.version == first
+
+
+def test_full_update_fine_tunes_everything_with_replay(setup, demo_dataset, monkeypatch) -> None:
+    _, holder, ledger, make = setup
+    old = holder.current.bundle
+    ledger.upsert(records(demo_dataset, 40))
+    fit_niceness: list[int] = []
+    real_fit = training_core.fit
+
+    decode_sides: list[int | None] = []
+
+    def spy_fit(*args, **kwargs):
+        fit_niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        decode_sides.extend(loader.dataset.min_side for loader in args[1:3])
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(training_core, "fit", spy_fit)
+    trainer = make(tolerance=1.0, full_epochs=2)
+    [job] = trainer.request(PROJECT, ["full"], "start_training")
+    trainer.start()
+    try:
+        done = wait_for_job(ledger, job.id, timeout_s=300)
+    finally:
+        trainer.stop()
+    assert done.state == "succeeded", done.error
+    # The offline training data (the demo CSV the fixture model was trained on) is replayed.
+    assert done.metrics["n_replay"] == 120
+    assert done.metrics["n_train"] > 120
+    new = holder.current.bundle
+    assert new.version == done.promoted_version
+    assert not torch.equal(new.model.conv1.weight, old.model.conv1.weight)  # backbone moved
+    assert new.manifest.data == old.manifest.data  # replay source carried forward
+    assert new.manifest.parent_version == old.version
+    if sys.platform.startswith("linux"):
+        # Fine-tuning ran below request handling's CPU priority (responsiveness on few cores).
+        assert fit_niceness == [min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)]
+    # Photos are decoded only as finely as the train crops and the eval resize need.
+    assert decode_sides == [train_decode_side(old.preprocess), resize_size(old.preprocess)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_run_at_lower_priority_nices_only_a_fresh_thread() -> None:
+    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: dict[str, object] = {}
+
+    def work(x: int, *, y: int) -> int:
+        seen["thread"] = threading.current_thread().name
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return x + y
+
+    assert run_at_lower_priority(5, work, 1, y=2) == 3
+    assert seen == {"thread": "trainer-fit", "nice": min(19, caller + 5)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller
+
+    def boom() -> None:
+        raise FloatingPointError("loss became nan")
+
+    with pytest.raises(FloatingPointError, match="nan"):
+        run_at_lower_priority(5, boom)
+
+
+def test_start_training_queues_fast_then_full(setup) -> None:
+    from labelloop.labelstudio.protocol import WebhookEvent
+    from labelloop.serve.events import record_event
+
+    _, _, ledger, make = setup
+    trainer = make()
+    reply = record_event(
+        WebhookEvent(action="START_TRAINING", project={"id": PROJECT}), ledger, trainer
+    )
+    jobs = [ledger.job(i) for i in reply["queued"]]
+    assert [j.kind for j in jobs] == ["fast", "full"]
+    assert all(j.trigger == "start_training" for j in jobs)
+
+
+def test_gate_rejects_a_worse_candidate_but_keeps_it(setup) -> None:
+    model_dir, holder, ledger, make = setup
+    trainer = make(tolerance=0.05)
+    current = holder.current
+    job = ledger.create_job(PROJECT, "fast", "auto")
+    bundle = current.bundle
+    outcome = trainer.updater.finish(
+        job,
+        bundle,
+        bundle.model,
+        bundle.label_space,
+        list(bundle.thresholds),
+        {"candidate_f1": 0.40, "current_f1": 0.50, "n_holdout": 12},
+    )
+    assert outcome.state == "rejected"
+    assert holder.current is current  # still serving the same model object
+    store = ModelStore(model_dir)
+    assert store.current_version() == current.version
+    assert outcome.candidate_version in store.versions()  # kept for inspection
+    assert (
+        store.manifest(outcome.candidate_version).metrics["incremental"]["candidate_f1"] == 0.4
+    )
+    within = trainer.updater.finish(
+        job,
+        bundle,
+        bundle.model,
+        bundle.label_space,
+        list(bundle.thresholds),
+        {"candidate_f1": 0.46, "current_f1": 0.50, "n_holdout": 12},
+    )
+    assert within.state == "succeeded"  # worse by less than the tolerance
+    assert holder.current.version == within.promoted_version
