@@ -24,11 +24,11 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -174,6 +174,38 @@ def utc_stamp(now: datetime | None = None) -> str:
     return (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S")
 
 
+class ArtifactStore(Protocol):
+    """Where model versions live: the seam between the loop and its storage.
+
+    `ModelStore` (a local folder, the embedded default) is the implementation today; an object
+    store can take its place as long as it keeps these promises: a version appears whole or not
+    at all (`publish` after `staging`), `current` changes only by `publish`/`set_current`, and
+    version names grow monotonically.
+    """
+
+    def current_version(self) -> str | None: ...
+
+    def versions(self) -> list[str]: ...
+
+    def version_dir(self, version: str) -> Path:
+        """A local folder holding the version (a remote store downloads it first)."""
+        ...
+
+    def manifest(self, version: str) -> Manifest: ...
+
+    def next_version_name(self, now: datetime | None = None) -> str: ...
+
+    def staging(self) -> AbstractContextManager[Path]: ...
+
+    def publish(self, staged: Path, manifest: Manifest, *, make_current: bool = True) -> Path: ...
+
+    def set_current(self, version: str) -> None: ...
+
+    def scratch_dir(self, name: str) -> Path:
+        """Local scratch space for one training run (checkpoints to resume from)."""
+        ...
+
+
 class ModelStore:
     """The versions under one MODEL_DIR and the pointer to the one in use."""
 
@@ -208,6 +240,9 @@ class ModelStore:
 
     def manifest(self, version: str) -> Manifest:
         return read_manifest(self.version_dir(version))
+
+    def scratch_dir(self, name: str) -> Path:
+        return self.root / "work" / name
 
     def next_version_name(self, now: datetime | None = None) -> str:
         numbers = [int(_VERSION_RE.match(v).group(1)) for v in self.versions()]  # type: ignore[union-attr]

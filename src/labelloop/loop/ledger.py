@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from labelloop.labelstudio.annotations import (
     AnnotationRank,
@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "JOB_STATES",
     "SCHEMA_VERSION",
+    "AnnotationLedger",
     "Job",
     "Ledger",
     "LedgerError",
@@ -176,6 +177,56 @@ class _Row:
     was_cancelled: bool
     ground_truth: bool
     completed_by: int | None
+
+
+class AnnotationLedger(Protocol):
+    """The durable record of annotations and training jobs: the seam between the loop and its
+    database. `Ledger` (SQLite in MODEL_DIR, the embedded default) is the implementation today;
+    another database can take its place if it keeps the same promises: a write is durable when
+    the call returns, out-of-order updates are ignored, deletions leave tombstones, and
+    `request_job` never queues a kind twice for a project, even with several writers."""
+
+    def upsert(self, records: Sequence[AnnotationRecord]) -> int: ...
+
+    def delete(self, annotation_ids: Sequence[int], *, project_id: int | None = None) -> int: ...
+
+    def reconcile(
+        self,
+        project_id: int,
+        records: Sequence[AnnotationRecord],
+        *,
+        as_of: float | None = None,
+    ) -> ReconcileResult: ...
+
+    def training_set(self, project_id: int) -> list[TrainingExample]: ...
+
+    def change_seq(self, project_id: int) -> int: ...
+
+    def last_change_at(self, project_id: int) -> float | None: ...
+
+    def projects(self) -> list[int]: ...
+
+    def set_label_config(self, project_id: int, xml: str) -> bool: ...
+
+    def label_config(self, project_id: int) -> str | None: ...
+
+    def stats(self, project_id: int | None = None) -> dict[str, int]: ...
+
+    def create_job(self, project_id: int, kind: str, trigger: str) -> Job: ...
+
+    def request_job(self, project_id: int, kind: str, trigger: str) -> Job: ...
+
+    def update_job(self, job_id: int, **fields: Any) -> Job: ...
+
+    def job(self, job_id: int) -> Job | None: ...
+
+    def jobs(self, *, project_id: int | None = None, limit: int = 20) -> list[Job]: ...
+
+    def pending_jobs(self) -> list[Job]: ...
+
+    def recover_interrupted(self) -> list[Job]: ...
+
+    def close(self) -> None: ...
 
 
 class Ledger:

@@ -17,11 +17,11 @@ from labelloop.labelstudio.annotations import record_from_task_annotation
 from labelloop.labelstudio.client import LabelStudioAPIError, LabelStudioClient
 from labelloop.labelstudio.fetcher import ImageFetcher
 from labelloop.loop.jobs import JobKind, JobRunner, JobState, ThreadRunner
-from labelloop.loop.ledger import Job, Ledger, ReconcileResult
+from labelloop.loop.ledger import AnnotationLedger, Job, ReconcileResult
 from labelloop.loop.updates import NothingToTrain, TrainerSettings, Updater, split_of
 from labelloop.ml.embeddings import EmbeddingCache
 from labelloop.runtime.predictor import ModelHolder
-from labelloop.store import ModelStore, StoreError, load_bundle
+from labelloop.store import ArtifactStore, StoreError, load_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +32,8 @@ class Trainer:
     def __init__(
         self,
         *,
-        store: ModelStore,
-        ledger: Ledger,
+        store: ArtifactStore,
+        ledger: AnnotationLedger,
         holder: ModelHolder,
         fetcher: Callable[[], ImageFetcher],
         embeddings: EmbeddingCache,

@@ -34,15 +34,15 @@ from labelloop.labelstudio.label_config import (
 )
 from labelloop.labelstudio.urls import ImageFetchError
 from labelloop.loop.jobs import JobKind, JobState
-from labelloop.loop.ledger import Job, Ledger, TrainingExample
+from labelloop.loop.ledger import AnnotationLedger, Job, TrainingExample
 from labelloop.loop.priority import run_at_lower_priority
 from labelloop.ml.data import DataError, load_metadata
-from labelloop.ml.embeddings import EmbeddingCache, embed_images
+from labelloop.ml.embeddings import EmbeddingCache, embed_images, embedding_space
 from labelloop.ml.head import extend_head, fit_head, head_of, model_with_head, predict_features
 from labelloop.ml.model import build_model
 from labelloop.ml.train import predict, resolve_device
 from labelloop.runtime.predictor import ModelHolder
-from labelloop.store import Manifest, ModelBundle, ModelStore, load_bundle
+from labelloop.store import ArtifactStore, Manifest, ModelBundle, load_bundle
 from labelloop.training.core import (
     carried_thresholds,
     class_weights,
@@ -130,8 +130,8 @@ class Updater:
     def __init__(
         self,
         *,
-        store: ModelStore,
-        ledger: Ledger,
+        store: ArtifactStore,
+        ledger: AnnotationLedger,
         holder: ModelHolder,
         fetcher: Callable[[], ImageFetcher],
         embeddings: EmbeddingCache,
@@ -278,7 +278,7 @@ class Updater:
             base.model, extend_head(head_of(base.model), base.label_space.classes, space.classes)
         )
         device = resolve_device("auto")
-        work_dir = self.store.root / "work" / f"job-{job.id}"
+        work_dir = self.store.scratch_dir(f"job-{job.id}")
         self._progress(
             job,
             f"fine-tuning on {len(train_items)} images "
@@ -424,7 +424,11 @@ class Updater:
                 metrics,
                 candidate_version=version,
             )
-        self.holder.swap(self.holder.load(load_bundle(published.path)))
+        promoted = load_bundle(published.path)
+        self.holder.swap(self.holder.load(promoted))
+        # Embeddings of backbones no longer served are stale for ever (a full update moves the
+        # backbone); keep the served one and its parent's, so a rollback by one stays warm.
+        self.embeddings.prune({embedding_space(promoted), embedding_space(base)})
         if self.on_promote is not None:
             self.on_promote(version)
         return UpdateOutcome(

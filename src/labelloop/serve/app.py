@@ -35,7 +35,7 @@ from labelloop.labelstudio.protocol import (
     project_id_from,
 )
 from labelloop.labelstudio.urls import BaseURLError, FetchSettings, http_base_url
-from labelloop.loop.ledger import Ledger
+from labelloop.loop.ledger import AnnotationLedger, Ledger
 from labelloop.loop.preannotate import Refresher
 from labelloop.loop.trainer import Trainer, TrainerSettings
 from labelloop.runtime.predictor import ModelHolder, Predictor, resolve_config
@@ -212,7 +212,7 @@ def create_app(
     *,
     predictor: Predictor | None = None,
     fetchers: FetcherRegistry | None = None,
-    ledger: Ledger | None = None,
+    ledger: AnnotationLedger | None = None,
     trainer: Trainer | None = None,
 ) -> FastAPI:
     """The app. Without a ledger, webhooks are only acknowledged; with a trainer, annotations

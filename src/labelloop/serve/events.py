@@ -8,7 +8,7 @@ from typing import Any
 from labelloop.labelstudio.annotations import deleted_ids_from_event, records_from_event
 from labelloop.labelstudio.protocol import WebhookEvent
 from labelloop.loop.jobs import JobKind
-from labelloop.loop.ledger import Ledger
+from labelloop.loop.ledger import AnnotationLedger
 from labelloop.loop.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -22,7 +22,9 @@ def _project_config(event: WebhookEvent) -> str | None:
     return config if isinstance(config, str) and config.strip() else None
 
 
-def record_event(event: WebhookEvent, ledger: Ledger, trainer: Trainer | None) -> dict[str, Any]:
+def record_event(
+    event: WebhookEvent, ledger: AnnotationLedger, trainer: Trainer | None
+) -> dict[str, Any]:
     """Apply one event; returns what to add to the acknowledgement. Unknown actions are ignored."""
     project_id = event.project_id()
     config = _project_config(event)

@@ -27,7 +27,7 @@ from labelloop.ml.splits import compute_pos_weight
 from labelloop.ml.thresholds import ThresholdResult, tune_thresholds
 from labelloop.ml.train import DistInfo, FitResult, fit
 from labelloop.ml.transforms import eval_transform, resize_size, train_decode_side, train_transform
-from labelloop.store import ModelBundle, ModelStore, manifest_for, write_model_files
+from labelloop.store import ArtifactStore, ModelBundle, manifest_for, write_model_files
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class Published:
 
 
 def publish(
-    store: ModelStore,
+    store: ArtifactStore,
     *,
     model: nn.Module,
     label_space: LabelSpace,
