@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be loaded as asked; the message says what did not match."""
 
 
-class LoadMode(str, Enum):
+class LoadMode(StrEnum):
     strict = "strict"
     compatible = "compatible"
     backbone_only = "backbone-only"
