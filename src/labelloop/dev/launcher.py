@@ -4,7 +4,8 @@ Label Studio pins many packages, so it lives in its own virtualenv
 (:func:`ensure_label_studio`). :class:`LabelStudioServer` starts it bound to 127.0.0.1 only,
 offline (no version check, analytics or Sentry), with a known admin user and a legacy API
 token, local-file serving under a document root, and the SSRF / local-IP guards that would
-refuse an ML backend on localhost turned off (see docs/label-studio-protocol.md).
+refuse an ML backend on localhost turned off (see docs/serving.md, *Connecting to a Label
+Studio on the same machine*).
 """
 
 from __future__ import annotations

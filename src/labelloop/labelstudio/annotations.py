@@ -9,11 +9,12 @@ multi-label head that means "none of these", a real negative, not a missing answ
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 from labelloop.labelstudio.label_config import LabelConfig, LabelConfigError, parse_label_config
 from labelloop.labelstudio.protocol import WebhookEvent, fits_int64
@@ -23,11 +24,14 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ANNOTATION_ACTIONS",
     "AnnotationPayloadError",
+    "AnnotationRank",
     "AnnotationRecord",
+    "annotation_rank",
     "deleted_ids_from_event",
     "parse_timestamp",
     "record_from_task_annotation",
     "records_from_event",
+    "winning_annotation",
 ]
 
 ANNOTATION_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"})
@@ -71,6 +75,58 @@ def parse_timestamp(value: str) -> datetime:
 def _format_timestamp(moment: datetime) -> str:
     # One fixed width and zone: stored strings then also sort in time order.
     return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+# --------------------------------------------------------------------------- which one wins
+
+
+class AnnotationRank(NamedTuple):
+    """What decides which of a task's annotations labels it (see :func:`winning_annotation`)."""
+
+    was_cancelled: bool  # a skipped task: never the winner
+    ground_truth: bool
+    updated_ts: float  # updated_at as Unix seconds (parse_timestamp); -inf when unknown
+    annotation_id: int
+
+
+_T = TypeVar("_T")
+
+
+def winning_annotation(items: Iterable[_T], rank: Callable[[_T], AnnotationRank]) -> _T | None:
+    """The annotation that labels a task, None when every one was skipped (or there is none).
+
+    The one rule, for exports and the ledger alike: cancelled (skipped) annotations never count;
+    a ground truth beats any other, however old; among equals the most recently updated wins,
+    by time rather than by the text of the timestamp, then the higher annotation id.
+    """
+    best: tuple[AnnotationRank, _T] | None = None
+    for item in items:
+        key = rank(item)
+        if key.was_cancelled:
+            continue
+        if best is None or (key.ground_truth, key.updated_ts, key.annotation_id) > (
+            best[0].ground_truth,
+            best[0].updated_ts,
+            best[0].annotation_id,
+        ):
+            best = (key, item)
+    return None if best is None else best[1]
+
+
+def annotation_rank(annotation: Mapping[str, Any]) -> AnnotationRank:
+    """The rank of an annotation object as Label Studio exports and sends it. An updated_at
+    that is missing or not ISO 8601 ranks oldest, a missing id lowest."""
+    value = annotation.get("updated_at")
+    try:
+        updated_ts = parse_timestamp(value).timestamp() if isinstance(value, str) else -math.inf
+    except ValueError:
+        updated_ts = -math.inf
+    return AnnotationRank(
+        was_cancelled=bool(annotation.get("was_cancelled", False)),
+        ground_truth=bool(annotation.get("ground_truth", False)),
+        updated_ts=updated_ts,
+        annotation_id=_as_id(annotation.get("id")) or 0,
+    )
 
 
 # --------------------------------------------------------------------------- webhooks

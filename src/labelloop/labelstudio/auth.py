@@ -14,9 +14,12 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Generator
 from typing import Any
 
 import httpx
+
+from labelloop.labelstudio.urls import http_base_url
 
 __all__ = ["LabelStudioAuth", "LabelStudioAuthError"]
 
@@ -63,19 +66,11 @@ def _expires_at(access_token: str) -> float:
     return time.time() + _DEFAULT_ACCESS_LIFETIME_S
 
 
-def _normalise_base_url(base_url: str) -> str:
-    url = base_url.strip().rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(
-            f"Label Studio URL {base_url!r} must start with http:// or https:// "
-            "(set LABEL_STUDIO_URL, e.g. http://localhost:8080)"
-        )
-    return url
-
-
-class LabelStudioAuth:
+class LabelStudioAuth(httpx.Auth):
     """The Authorization header for Label Studio's API, for legacy or personal access tokens.
 
+    Also an ``httpx.Auth`` (pass it as ``auth=``): every request gets fresh headers, and a 401
+    to a personal access token is answered by one exchange and one retry (:meth:`auth_flow`).
     Thread-safe: concurrent callers share one cached access token, and only one of them
     exchanges the refresh token when it needs renewing.
     """
@@ -91,7 +86,7 @@ class LabelStudioAuth:
         key = api_key.strip()
         if not key:
             raise ValueError("the Label Studio API key is empty: set LABEL_STUDIO_API_KEY")
-        self._base_url = _normalise_base_url(base_url)
+        self._base_url = http_base_url(base_url)
         self._api_key = key
         self._client = client
         self._refresh_margin_s = refresh_margin_s
@@ -128,6 +123,18 @@ class LabelStudioAuth:
         with self._lock:
             self._access = None
             self._access_expires_at = 0.0
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        """Send ``request`` with the Authorization header; on a 401 with a personal access token
+        (revoked or expired early), exchange it again and retry once. A legacy token cannot be
+        renewed, so its 401 is the answer. Raises LabelStudioAuthError as headers() does."""
+        request.headers.update(self.headers())
+        response = yield request
+        if response.status_code == 401 and self._is_pat:
+            logger.info("Label Studio answered 401; renewing the access token and retrying once")
+            self.invalidate()
+            request.headers.update(self.headers())
+            yield request
 
     def _access_token(self) -> str:
         # The lock is held across the exchange on purpose: concurrent callers wait for the one

@@ -1,8 +1,8 @@
 """A small typed client for the parts of Label Studio's REST API that labelloop uses.
 
-Checked against label-studio 1.23.2 (its Django source and a real server). Auth is the
-legacy API token (``Authorization: Token <key>``), which needs the server started with
-legacy tokens enabled (see :mod:`labelloop.labelstudio.launcher`).
+Checked against label-studio 1.23.2 (its Django source and a real server). Auth is a legacy API
+token or a personal access token (:class:`labelloop.labelstudio.auth.LabelStudioAuth`); legacy
+tokens need the server started with them enabled (see :mod:`labelloop.dev.launcher`).
 
 Paths are spelled exactly as Label Studio routes them (trailing slashes included): a
 missing slash gets a 301 from Django, which this client reports as an error instead of
@@ -45,21 +45,6 @@ def _chunks(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
         yield items[i : i + size]
 
 
-class _HeaderAuth(httpx.Auth):
-    """Fresh auth headers on every request, so personal access tokens renew themselves."""
-
-    def __init__(self, auth: LabelStudioAuth) -> None:
-        self._auth = auth
-
-    def auth_flow(self, request: httpx.Request):
-        request.headers.update(self._auth.headers())
-        response = yield request
-        if response.status_code == 401 and self._auth.is_personal_access_token():
-            self._auth.invalidate()
-            request.headers.update(self._auth.headers())
-            yield request
-
-
 class LabelStudioClient:
     """Synchronous client over httpx; usable as a context manager."""
 
@@ -70,7 +55,7 @@ class LabelStudioClient:
         self._http = httpx.Client(
             base_url=self.url,
             headers={"Accept": "application/json"},
-            auth=_HeaderAuth(self._auth),
+            auth=self._auth,  # fresh headers per request; one retry after a 401
             timeout=timeout_s,
             follow_redirects=False,
             trust_env=False,  # never send loopback traffic through a proxy from the env

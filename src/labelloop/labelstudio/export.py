@@ -10,27 +10,18 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 from labelloop.config import DataConfig
-from labelloop.labelstudio.annotations import labels_from_result
+from labelloop.labelstudio.annotations import (
+    annotation_rank,
+    labels_from_result,
+    winning_annotation,
+)
 from labelloop.ml.data import DataError, DataReport, LabelledData, RawImage, finalise
 
 
 def _choose_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """Ground truth wins; otherwise the most recently updated annotation that was not skipped."""
-    annotations = [
-        a
-        for a in task.get("annotations") or []
-        if isinstance(a, dict) and not a.get("was_cancelled")
-    ]
-    if not annotations:
-        return None
-    return max(
-        annotations,
-        key=lambda a: (
-            bool(a.get("ground_truth")),
-            str(a.get("updated_at") or ""),
-            a.get("id") or 0,
-        ),
-    )
+    """The annotation that labels the task, by the rule the ledger uses too."""
+    annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict)]
+    return winning_annotation(annotations, annotation_rank)
 
 
 def resolve_export_image(reference: str, images_dir: Path) -> Path:

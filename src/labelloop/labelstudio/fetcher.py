@@ -29,6 +29,7 @@ from labelloop.labelstudio.urls import (
     ImageFetchError,
     ResolvedSource,
     display_url,
+    http_base_url,
     label_studio_base,
     origin_of,
     refused_address,
@@ -121,11 +122,8 @@ class ImageFetcher:
         client: httpx.Client | None = None,
     ) -> None:
         base = label_studio_base(settings)
-        if base is not None and origin_of(base) is None:
-            raise ValueError(
-                f"Label Studio URL {settings.label_studio_url!r} must start with http:// or "
-                "https:// (set LABEL_STUDIO_URL, e.g. http://localhost:8080)"
-            )
+        if base is not None:
+            http_base_url(base)
         if auth is not None and (base is None or origin_of(base) != origin_of(auth.base_url)):
             raise ValueError(
                 f"the API token is for {auth.base_url} but label_studio_url is {base!r}: "
@@ -179,7 +177,7 @@ class ImageFetcher:
         visited = {url}
         try:
             for _ in range(self._settings.max_redirects + 1):
-                response = self._get(url, send_auth, deadline)
+                response = self._send(url, send_auth, deadline)
                 try:
                     if response.status_code not in _REDIRECT_STATUSES:
                         self._check_status(response, url, send_auth)
@@ -211,23 +209,8 @@ class ImageFetcher:
     def _is_label_studio(self, url: str) -> bool:
         return self._label_studio is not None and origin_of(url) == self._label_studio
 
-    def _get(self, url: str, send_auth: bool, deadline: float) -> httpx.Response:
-        """GET ``url`` as a stream; with a personal access token, retry a 401 once."""
-        response = self._send(url, send_auth, deadline)
-        if (
-            response.status_code == 401
-            and send_auth
-            and self._auth is not None
-            and self._auth.is_personal_access_token()
-        ):
-            # The access token may have been revoked or expired early: exchange again.
-            response.close()
-            logger.info("Label Studio answered 401; renewing the access token and retrying once")
-            self._auth.invalidate()
-            response = self._send(url, send_auth, deadline)
-        return response
-
     def _send(self, url: str, send_auth: bool, deadline: float) -> httpx.Response:
+        """GET ``url`` as a stream; with the token, LabelStudioAuth retries a 401 once."""
         if not self._is_label_studio(url):
             refused = refused_destination(url, self._settings)
             if refused is not None:
@@ -237,26 +220,22 @@ class ImageFetcher:
             raise self._timed_out(url)
         # Images are compressed already; identity keeps the size limit about wire bytes.
         headers = {"Accept-Encoding": "identity"}
-        if send_auth and self._auth is not None:
-            headers.update(self._auth_headers())
         request = self._client.build_request("GET", url, headers=headers, timeout=remaining)
-        response = self._client.send(request, stream=True, follow_redirects=False)
+        auth = self._auth if send_auth and self._auth is not None else httpx.USE_CLIENT_DEFAULT
+        try:
+            response = self._client.send(request, stream=True, follow_redirects=False, auth=auth)
+        except LabelStudioAuthError as exc:
+            raise ImageFetchError(str(exc)) from exc
         # Label Studio included: a /setup hostname is not to be trusted more than a task URL.
         peer = _refused_peer(response)
         if peer is not None:
             response.close()
             raise ImageFetchError(
-                f"refusing to fetch {display_url(url)}: the connection went to {peer}, a link-local "
-                "or metadata address (the host's DNS answer changed after it was checked)"
+                f"refusing to fetch {display_url(url)}: the connection went to {peer}, a "
+                "link-local or metadata address (the host's DNS answer changed after it was "
+                "checked)"
             )
         return response
-
-    def _auth_headers(self) -> dict[str, str]:
-        assert self._auth is not None
-        try:
-            return self._auth.headers()
-        except LabelStudioAuthError as exc:
-            raise ImageFetchError(str(exc)) from exc
 
     def _redirect_target(self, response: httpx.Response, url: str) -> str:
         location = response.headers.get("location")

@@ -3,7 +3,7 @@
 Request models accept unknown keys (``extra="allow"``): Label Studio sends whole task and project
 objects whose fields change between versions, and a backend that refused them would break on
 every upgrade. Response models hold exactly the keys Label Studio reads.
-See ``docs/label-studio-protocol.md`` for when each call happens.
+See ``docs/serving.md`` (*Routes*) for what each route does with them.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ChoicesValue",
-    "LegacyTrainRequest",
     "NoPrediction",
     "PredictRequest",
     "PredictResponse",
@@ -232,11 +231,12 @@ class PredictResponse(BaseModel):
     results: list[TaskPrediction | NoPrediction]
 
 
-# --------------------------------------------------------------------------- /webhook and /train
+# --------------------------------------------------------------------------- /webhook
 
 
 class WebhookEvent(_Request):
-    """``POST /webhook``: ``action`` names the event; the rest depends on it (see the docs)."""
+    """``POST /webhook``: ``action`` names the event, the rest depends on it; the events used
+    are listed in docs/incremental-training.md (*The ledger*)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -247,15 +247,3 @@ class WebhookEvent(_Request):
         """The project's id: ``project`` is a full project object or just its id."""
         project_id = self.project.get("id") if isinstance(self.project, dict) else self.project
         return project_id if fits_int64(project_id) else None
-
-
-class LegacyTrainRequest(_Request):
-    """``POST /train`` of the pre-1.0 ML API: labelled tasks (each with its ``annotations``)
-    under the key ``annotations``. Kept so that older set-ups get a clear answer."""
-
-    model_config = _REQUEST_CONFIG
-
-    annotations: list[dict[str, Any]]
-    project: str | None = None
-    label_config: str | None = None
-    params: dict[str, Any] | None = None

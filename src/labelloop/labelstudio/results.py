@@ -17,7 +17,6 @@ from labelloop.ml.thresholds import prediction_confidence
 __all__ = [
     "ResultValidationError",
     "build_predictions",
-    "build_task_prediction",
     "validate_prediction",
 ]
 
@@ -26,19 +25,6 @@ _DECIMALS = 4
 
 class ResultValidationError(ValueError):
     """A prediction Label Studio would store but never show: names or labels off the config."""
-
-
-def build_task_prediction(
-    probs: np.ndarray,
-    thresholds: Sequence[float] | np.ndarray,
-    mapping: ControlMapping,
-    model_version: str,
-) -> TaskPrediction:
-    """The prediction for one task from its (n_classes,) probabilities."""
-    probs = np.asarray(probs, dtype=float)
-    if probs.ndim != 1:
-        raise ValueError(f"probs must be 1-D (n_classes,) for one task, got shape {probs.shape}")
-    return build_predictions(probs[np.newaxis, :], thresholds, mapping, model_version)[0]
 
 
 def build_predictions(

@@ -1,6 +1,6 @@
 """Where a task's image URL may be read from, and with which credentials.
 
-Task data carries image URLs in a few forms (docs/serving.md, *How images are fetched*):
+Task data carries image URLs in a few forms (docs/serving.md, *Images*):
 ``/data/upload/...`` relative to Label Studio (files uploaded through its import dialog),
 ``.../data/local-files/?d=<path>`` for local storage, plain ``http(s)://`` URLs, and cloud URIs
 (``s3://``, ``gs://``, ``azure-blob://``) that Label Studio turns into signed URLs through its
@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import logging
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -56,6 +57,44 @@ MIB = 1024 * 1024
 
 class ImageFetchError(ImageError):
     """An image could not be fetched; ``reason`` says why, for logs and the task."""
+
+
+class BaseURLError(ValueError):
+    """A Label Studio base URL that is not an http(s) URL with a host, or carries a password."""
+
+
+_USERINFO = re.compile(r"//[^/@]*@")
+
+
+def http_base_url(value: str, what: str = "LABEL_STUDIO_URL") -> str:
+    """``value`` without surrounding blanks and trailing slashes, when it is an http(s) URL with
+    a host and without ``user:password@``; else BaseURLError naming ``what`` and the value.
+
+    Credentials are refused because a base URL ends up in logs and error messages.
+    """
+    url = value.strip().rstrip("/")
+    try:
+        parsed = httpx.URL(url)
+        usable = parsed.scheme.lower() in HTTP_SCHEMES and bool(parsed.host)
+        usable = usable and not parsed.userinfo
+    except (httpx.InvalidURL, TypeError, ValueError):
+        usable = False
+    if not usable:
+        raise BaseURLError(
+            f"{what}: expected an http(s) URL with a host and without user:password@, such as "
+            f"http://localhost:8080; got {_shown_value(value)}"
+        )
+    return url
+
+
+def _shown_value(value: str) -> str:
+    """``value`` quoted for a message: user:password and any query hidden, truncated."""
+    shown = _USERINFO.sub("//…@", value.strip(), count=1)
+    if "?" in shown:
+        shown = shown.split("?", 1)[0] + "?…"
+    if len(shown) > _MAX_SHOWN_URL_CHARS:
+        shown = shown[:_MAX_SHOWN_URL_CHARS] + "…"
+    return repr(shown)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from labelloop.config import ConfigError
+from labelloop.labelstudio.urls import http_base_url
 from labelloop.runtime.inference import Runtime
 
 
@@ -53,13 +54,8 @@ class ServeSettings(BaseModel):
     def _check(self) -> ServeSettings:
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
-        if self.label_studio_url is not None and not self.label_studio_url.startswith(
-            ("http://", "https://")
-        ):
-            raise ValueError(
-                "LABEL_STUDIO_URL must start with http:// or https://, "
-                f"got {self.label_studio_url!r}"
-            )
+        if self.label_studio_url is not None:
+            http_base_url(self.label_studio_url)
         return self
 
     @property
@@ -102,7 +98,7 @@ def settings_from(
         hosts = str(raw["allowed_image_hosts"]).split(",")
         raw["allowed_image_hosts"] = tuple(h.strip() for h in hosts if h.strip())
     if raw.get("label_studio_url"):
-        raw["label_studio_url"] = str(raw["label_studio_url"]).rstrip("/")
+        raw["label_studio_url"] = str(raw["label_studio_url"]).strip().rstrip("/")
     try:
         return ServeSettings.model_validate(raw)
     except ValidationError as exc:
