@@ -561,7 +561,9 @@ def _camera(rng: np.random.Generator, canvas: np.ndarray) -> Image.Image:
 
 def _resize(grey: np.ndarray, side: int) -> np.ndarray:
     """uint8 (h, w) -> float32 (side, side) in [0, 1], antialiased."""
-    image = Image.fromarray(np.ascontiguousarray(grey)).resize((side, side), Image.BILINEAR)
+    image = Image.fromarray(np.ascontiguousarray(grey)).resize(
+        (side, side), Image.Resampling.BILINEAR
+    )
     return np.asarray(image, np.float32) / 255.0
 
 

@@ -505,7 +505,7 @@ def _draw_part(rng: np.random.Generator, img: FloatImage, part: _Part, light: Li
 def _defect_centre(rng: np.random.Generator, size: int, parts: Sequence[_Part]) -> np.ndarray:
     # Half of the defects sit on a part, where an inspector would look for them.
     if parts and rng.random() < 0.5:
-        part = parts[rng.integers(len(parts))]
+        part = parts[int(rng.integers(len(parts)))]
         return np.array([part.cx, part.cy]) + rng.uniform(-0.6, 0.6, 2) * part.radius
     return rng.uniform(0.15, 0.85, 2) * size
 
@@ -561,7 +561,7 @@ def _crack(
     layer, draw = _new_layer(size)
     step = rng.uniform(0.035, 0.055) * size
     heading = rng.uniform(0.0, 2.0 * math.pi)
-    main = _crack_path(rng, np.zeros(2), heading, rng.integers(14, 24), step)
+    main = _crack_path(rng, np.zeros(2), heading, int(rng.integers(14, 24)), step)
     # Centre the walk's bounding box on the defect so it can't wander off-image.
     main += _defect_centre(rng, size, parts) - (main.min(axis=0) + main.max(axis=0)) / 2
     base_w = max(2, round(_SS * size / 128 * rng.uniform(2.5, 4.0)))
@@ -570,9 +570,9 @@ def _crack(
         w = max(1, round(base_w * (1.0 - 0.6 * k / len(main))))
         draw.line([tuple(main[k] * _SS), tuple(main[k + 1] * _SS)], fill=255, width=w)
     for _ in range(rng.integers(2, 5)):
-        k = rng.integers(1, len(main) - 1)
+        k = int(rng.integers(1, len(main) - 1))
         branch_heading = heading + rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.2)
-        branch = _crack_path(rng, main[k], branch_heading, rng.integers(3, 8), step * 0.8)
+        branch = _crack_path(rng, main[k], branch_heading, int(rng.integers(3, 8)), step * 0.8)
         draw.line([tuple(q) for q in branch * _SS], fill=255, width=max(1, base_w // 2))
     mark = _downsample(layer)[..., None]
     return img * (1.0 - rng.uniform(0.7, 0.92) * mark)

@@ -302,8 +302,8 @@ def embed_images(
             tensors.append(transform(image))
             computed.append(ck)
         if tensors:
-            features = extract_features(bundle.model, torch.stack(tensors), fingerprint=fingerprint)
-            fresh = dict(zip(computed, features.float().cpu().numpy(), strict=True))
+            batch = extract_features(bundle.model, torch.stack(tensors), fingerprint=fingerprint)
+            fresh = dict(zip(computed, batch.float().cpu().numpy(), strict=True))
             vectors.update(fresh)
             _store(cache, space, fresh)
         if progress is not None:

@@ -34,7 +34,10 @@ class ImageError(ValueError):
 
 
 def decode_image(
-    data: bytes | Path, *, max_pixels: int = Image.MAX_IMAGE_PIXELS, min_side: int | None = None
+    data: bytes | Path,
+    *,
+    max_pixels: int | None = Image.MAX_IMAGE_PIXELS,
+    min_side: int | None = None,
 ) -> Image.Image:
     """Decode image bytes to RGB, applying the EXIF orientation (phones rotate via EXIF).
 
@@ -43,20 +46,22 @@ def decode_image(
     both sides stay at least ``min_side``.
 
     Raises ImageError for empty, corrupt, truncated or non-image data, and for images
-    with more than ``max_pixels`` pixels. Pillow's own limit (twice Image.MAX_IMAGE_PIXELS)
-    still applies when ``max_pixels`` is larger.
+    with more than ``max_pixels`` pixels (``None``, as Pillow's own MAX_IMAGE_PIXELS may be:
+    no limit). Pillow's own limit (twice Image.MAX_IMAGE_PIXELS) still applies when
+    ``max_pixels`` is larger.
     """
     if isinstance(data, Path):
+        path = data
         try:
-            data = data.read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
-            raise ImageError(f"cannot read {data}: {exc.strerror or exc}") from exc
+            raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from exc
     if not data:
         raise ImageError("empty image file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-            if width * height > max_pixels:
+            if max_pixels is not None and width * height > max_pixels:
                 raise ImageError(
                     f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels "
                     "(possible decompression bomb)"

@@ -108,7 +108,7 @@ def train_one_epoch(
             raise FloatingPointError(
                 f"training loss became {loss.item()}; lower --lr or check the images"
             )
-        if use_amp:
+        if use_amp and scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()

@@ -96,7 +96,9 @@ def export_onnx(model: nn.Module, image_size: int) -> bytes:
         torch.onnx.export(
             model,
             (example,),
-            buffer,
+            # The TorchScript exporter (dynamo=False) writes to a file object too; the stubs
+            # only list str | PathLike.
+            buffer,  # type: ignore[arg-type]
             dynamo=False,
             input_names=["images"],
             output_names=["logits"],

@@ -162,7 +162,9 @@ def _run_training(
     def subset(name: str, *, train: bool, sampler: bool = False) -> DataLoader:
         idx = splits[name]
         items = [paths[i] for i in idx]
-        dist_sampler = (
+        # DistributedSampler only takes len() of its dataset, so the list of paths does; its
+        # stubs ask for a torch Dataset.
+        dist_sampler: DistributedSampler | None = (
             DistributedSampler(items, shuffle=True, seed=config.split.seed)  # type: ignore[arg-type]
             if sampler and dist_info.enabled
             else None
