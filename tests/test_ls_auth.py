@@ -235,3 +235,49 @@ def test_repr_hides_the_key() -> None:
     pat = make_pat()
     assert pat not in repr(LabelStudioAuth("http://127.0.0.1:8080", pat))
     assert LEGACY_TOKEN not in repr(LabelStudioAuth("http://127.0.0.1:8080", LEGACY_TOKEN))
+
+
+# --------------------------------------------------------------------------- as an httpx.Auth
+
+
+def _mock_label_studio(refused: set[str]) -> tuple[httpx.Client, list[str | None]]:
+    """A client on an in-memory Label Studio: refuses the Authorization values in ``refused``,
+    issues access token N on the Nth exchange, and records what each API call carried."""
+    seen: list[str | None] = []
+    issued = 0
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        nonlocal issued
+        if request.url.path == "/api/token/refresh/":
+            issued += 1
+            return httpx.Response(200, json={"access": make_jwt({"jti": str(issued)})})
+        header = request.headers.get("authorization")
+        seen.append(header)
+        return httpx.Response(401 if header in refused else 200, json={})
+
+    return httpx.Client(base_url="http://ls", transport=httpx.MockTransport(handle)), seen
+
+
+def _bearer(jti: str) -> str:
+    return f"Bearer {make_jwt({'jti': jti})}"
+
+
+def test_a_401_renews_the_access_token_and_retries_once() -> None:
+    client, seen = _mock_label_studio(refused={_bearer("1")})
+    auth = LabelStudioAuth("http://ls", make_pat(), client=client)
+    assert client.get("/api/projects/", auth=auth).status_code == 200
+    assert seen == [_bearer("1"), _bearer("2")]
+
+
+def test_a_second_401_is_the_answer() -> None:
+    client, seen = _mock_label_studio(refused={_bearer("1"), _bearer("2")})
+    auth = LabelStudioAuth("http://ls", make_pat(), client=client)
+    assert client.get("/api/projects/", auth=auth).status_code == 401
+    assert seen == [_bearer("1"), _bearer("2")]
+
+
+def test_a_legacy_token_is_not_retried() -> None:
+    client, seen = _mock_label_studio(refused={f"Token {LEGACY_TOKEN}"})
+    auth = LabelStudioAuth("http://ls", LEGACY_TOKEN, client=client)
+    assert client.get("/api/projects/", auth=auth).status_code == 401
+    assert seen == [f"Token {LEGACY_TOKEN}"]

@@ -13,7 +13,6 @@ from pydantic import BaseModel, ValidationError
 
 from labelloop.labelstudio.protocol import (
     ChoicesValue,
-    LegacyTrainRequest,
     PredictRequest,
     PredictResponse,
     ResultItem,
@@ -29,7 +28,6 @@ FIXTURES = Path(__file__).parent / "fixtures" / "label-studio-1.23.2"
 MODEL_OF_FIXTURE: dict[str, type[BaseModel]] = {
     "setup.json": SetupRequest,
     "predict_two_tasks.json": PredictRequest,
-    "legacy_train.json": LegacyTrainRequest,
     "webhook_annotation_created.json": WebhookEvent,
     "webhook_annotation_updated.json": WebhookEvent,
     "webhook_annotations_deleted.json": WebhookEvent,
@@ -215,12 +213,6 @@ def test_webhook_project_id(project: object, expected: int | None) -> None:
 def test_webhook_needs_action() -> None:
     with pytest.raises(ValidationError, match="action"):
         WebhookEvent.model_validate({"project": {"id": 1}})
-
-
-def test_legacy_train_fixture() -> None:
-    request = LegacyTrainRequest.model_validate(_load("legacy_train.json"))
-    assert [task["id"] for task in request.annotations] == [1, 4]
-    assert project_id_from(request.project) == 1
 
 
 @pytest.mark.parametrize(

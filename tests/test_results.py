@@ -24,7 +24,6 @@ from labelloop.labelstudio.protocol import (
 from labelloop.labelstudio.results import (
     ResultValidationError,
     build_predictions,
-    build_task_prediction,
     validate_prediction,
 )
 
@@ -53,6 +52,12 @@ def _probs(**by_class: float) -> np.ndarray:
     return row
 
 
+def _one(probs: np.ndarray, t: np.ndarray, mapping: ControlMapping, version: str) -> TaskPrediction:
+    """The prediction for one (n_classes,) row, through build_predictions as the server calls it."""
+    (prediction,) = build_predictions(probs[np.newaxis, :], t, mapping, version)
+    return prediction
+
+
 @pytest.fixture
 def mapping() -> ControlMapping:
     return map_controls(CONFIG, CLASSES)
@@ -62,7 +67,7 @@ def test_exact_prediction(mapping: ControlMapping) -> None:
     t = T.copy()
     t[CLASSES.index("gear")] = 0.6
     probs = _probs(bolt=0.9, nut=0.2, gear=0.6, crack=0.3, rust=0.05)
-    prediction = build_task_prediction(probs, t, mapping, "v7")
+    prediction = _one(probs, t, mapping, "v7")
     body = json.loads(prediction.model_dump_json())
     assert body == {
         "result": [
@@ -94,7 +99,7 @@ def test_both_controls_and_rounding(mapping: ControlMapping) -> None:
 
 
 def test_nothing_above_threshold_is_an_empty_result_with_a_score(mapping: ControlMapping) -> None:
-    prediction = build_task_prediction(_probs(), T, mapping, "v1")
+    prediction = _one(_probs(), T, mapping, "v1")
     assert prediction.result == []
     # Every bound class at 0.1 against 0.5: (0.5 - 0.1) / 0.5.
     assert prediction.score == 0.8
@@ -104,12 +109,12 @@ def test_unused_class_is_never_emitted_and_does_not_lower_the_score(
     mapping: ControlMapping,
 ) -> None:
     far = _probs(bolt=1.0, washer=1.0)
-    prediction = build_task_prediction(far, T, mapping, "v1")
+    prediction = _one(far, T, mapping, "v1")
     emitted = [label for item in prediction.result for label in item.value.choices]
     assert emitted == ["bolt"]
     assert all("washer" not in (item.meta or {})["probabilities"] for item in prediction.result)
     # washer exactly at its threshold would make the task look maximally uncertain if counted.
-    assert build_task_prediction(_probs(washer=0.5), T, mapping, "v1").score == 0.8
+    assert _one(_probs(washer=0.5), T, mapping, "v1").score == 0.8
 
 
 def test_score_low_near_threshold_high_when_far(mapping: ControlMapping) -> None:
@@ -131,14 +136,14 @@ def test_single_choice_picks_the_most_probable_label_above_threshold() -> None:
     mapping = map_controls(QUALITY, ["good", "bad"])
     t = np.array([0.3, 0.8])
     # good has the larger margin over its threshold, bad the higher probability.
-    prediction = build_task_prediction(np.array([0.8, 0.9]), t, mapping, "v1")
+    prediction = _one(np.array([0.8, 0.9]), t, mapping, "v1")
     (item,) = prediction.result
     assert item.value.choices == ["bad"]
     assert item.meta == {"probabilities": {"good": 0.8, "bad": 0.9}}
     # bad is below its threshold here: good is the only candidate despite a lower probability.
-    (item,) = build_task_prediction(np.array([0.35, 0.7]), t, mapping, "v1").result
+    (item,) = _one(np.array([0.35, 0.7]), t, mapping, "v1").result
     assert item.value.choices == ["good"]
-    assert build_task_prediction(np.array([0.1, 0.1]), t, mapping, "v1").result == []
+    assert _one(np.array([0.1, 0.1]), t, mapping, "v1").result == []
 
 
 def test_fixture_config_with_a_six_class_model_gives_valid_predictions() -> None:
@@ -182,11 +187,6 @@ def test_bad_probabilities(mapping: ControlMapping, probs: np.ndarray, message: 
 def test_bad_thresholds(mapping: ControlMapping, thresholds: np.ndarray) -> None:
     with pytest.raises(ValueError, match="expected 7 thresholds in"):
         build_predictions(np.full((1, 7), 0.5), thresholds, mapping, "v1")
-
-
-def test_build_task_prediction_needs_one_row(mapping: ControlMapping) -> None:
-    with pytest.raises(ValueError, match="1-D"):
-        build_task_prediction(np.full((1, 7), 0.5), T, mapping, "v1")
 
 
 # --------------------------------------------------------------------------- validation
