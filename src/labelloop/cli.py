@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from functools import wraps
@@ -47,8 +48,28 @@ def _user_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not to the stream it was
+    when logging was configured. A caller that swaps ``sys.stderr`` for one call and closes its
+    stand-in afterwards (typer's CliRunner, pytest's capture) would otherwise leave the root
+    logger writing to a closed file: ``--- Logging error --- ValueError: I/O operation on
+    closed file`` for every later record of the process."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass  # always the current sys.stderr
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
+        handlers=[_StderrHandler()],
         level=level.upper(),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
@@ -364,7 +385,26 @@ def serve(
     ] = 20,
     tolerance: Annotated[
         float, typer.Option(help="Promote unless held-out macro-F1 drops by more than this.")
-    ] = 0.02,
+    ] = 0.01,
+    backbone: Annotated[
+        str,
+        typer.Option(
+            envvar="LABELLOOP_COLD_START_BACKBONE",
+            help="First model of a project with no model: a torchvision backbone, or auto "
+            "(the best one with ImageNet weights at hand, offline MobileNetV2 here) [auto].",
+        ),
+    ] = "auto",
+    weights: Annotated[
+        str,
+        typer.Option(
+            envvar="LABELLOOP_COLD_START_WEIGHTS",
+            help="Its weights: imagenet, none, or a checkpoint file [imagenet].",
+        ),
+    ] = "imagenet",
+    auto_full: Annotated[
+        bool,
+        typer.Option(help="Fine-tune the whole network in the background as labels grow."),
+    ] = True,
     train_nice: Annotated[
         int,
         typer.Option(
@@ -428,6 +468,9 @@ def serve(
             holdout_percent=holdout_percent,
             tolerance=tolerance,
             train_nice=train_nice,
+            cold_start_backbone=backbone,
+            cold_start_weights=weights,
+            auto_full=auto_full,
         ),
     )
     logger.info("Serving %s on http://%s:%d", settings.model_dir, settings.host, settings.port)

@@ -6,10 +6,10 @@ The resolved config is saved in every model's manifest, so a model always says h
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -83,7 +83,8 @@ class PreprocessConfig(_Section):
 
 
 class ModelConfig(_Section):
-    backbone: str = "resnet18"
+    # "auto": the best backbone whose ImageNet weights are available offline (ml.model).
+    backbone: str = "auto"
     # "imagenet": torchvision weights (downloaded or already cached); a path: a local checkpoint;
     # "none": random init.
     weights: str = "imagenet"
@@ -91,8 +92,10 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _check_backbone(self) -> ModelConfig:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
+        if self.backbone not in (*BACKBONES, "auto"):
+            raise ValueError(
+                f"backbone must be auto or one of {list(BACKBONES)}, got {self.backbone!r}"
+            )
         return self
 
 

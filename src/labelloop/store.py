@@ -50,6 +50,7 @@ MODEL_FILE = "model.pth"
 CLASSES_FILE = "classes.json"
 THRESHOLDS_FILE = "thresholds.json"
 MANIFEST_FILE = "manifest.json"
+SPLITS_FILE = "splits.csv"  # image_id -> train/val/test of the offline run a lineage came from
 CURRENT_FILE = "current"
 VERSIONS_DIR = "versions"
 _VERSION_RE = re.compile(r"^v(\d+)-(\d{8}T\d{6})$")
@@ -78,6 +79,9 @@ class Manifest(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, str] = Field(default_factory=dict)  # name -> sha256
+    # A rejected candidate's weights are deleted once newer rejections pile up; its manifest
+    # and metrics stay, so `labelloop versions` and the gate history still show it.
+    weights_pruned: bool = False
 
 
 @dataclass
@@ -200,6 +204,8 @@ class ArtifactStore(Protocol):
     def publish(self, staged: Path, manifest: Manifest, *, make_current: bool = True) -> Path: ...
 
     def set_current(self, version: str) -> None: ...
+
+    def prune_rejected(self, *, keep: int) -> list[str]: ...
 
     def scratch_dir(self, name: str) -> Path:
         """Local scratch space for one training run (checkpoints to resume from)."""
@@ -324,9 +330,41 @@ class ModelStore:
             self.set_current(manifest.version)
         return final
 
+    def prune_rejected(self, *, keep: int) -> list[str]:
+        """Delete the weights of rejected candidates (never current, gate said no) except the
+        newest `keep`; their manifests and metrics stay. Returns the pruned versions."""
+        current = self.current_version()
+        rejected = []
+        for version in self.versions():
+            if version == current:
+                continue
+            try:
+                manifest = self.manifest(version)
+            except StoreError:
+                continue
+            gate = (manifest.metrics.get("incremental") or {}).get("gate") or {}
+            if gate.get("promote") is False and not manifest.weights_pruned:
+                rejected.append((version, manifest))
+        pruned = []
+        for version, manifest in rejected[: max(0, len(rejected) - keep)]:
+            folder = self.versions_dir / version
+            files = dict(manifest.files)
+            for name in (MODEL_FILE,):
+                files.pop(name, None)
+                (folder / name).unlink(missing_ok=True)
+            updated = manifest.model_copy(update={"files": files, "weights_pruned": True})
+            write_json_atomic(folder / MANIFEST_FILE, updated.model_dump(mode="json"))
+            pruned.append(version)
+        return pruned
+
     def set_current(self, version: str) -> None:
         """Point `current` at a version that exists and whose files check out."""
-        verify_version_dir(self.version_dir(version))
+        manifest = verify_version_dir(self.version_dir(version))
+        if manifest.weights_pruned:
+            raise StoreError(
+                f"{version} was a rejected candidate whose weights were pruned; only its "
+                "manifest and metrics remain. Pick another version (`labelloop versions`)."
+            )
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{CURRENT_FILE}.{uuid.uuid4().hex}.tmp"
         with tmp.open("w", encoding="utf-8") as handle:
@@ -452,6 +490,11 @@ def load_bundle(path: Path, *, default_preprocess: PreprocessConfig | None = Non
 
 def _load_versioned(version_dir: Path) -> ModelBundle:
     manifest = verify_version_dir(version_dir)
+    if manifest.weights_pruned:
+        raise StoreError(
+            f"{version_dir.name} was a rejected candidate whose weights were pruned; only its "
+            "manifest and metrics remain"
+        )
     classes = read_name_list(version_dir / CLASSES_FILE)
     label_space = LabelSpace.from_mapping(manifest.label_groups)
     if classes != label_space.classes:

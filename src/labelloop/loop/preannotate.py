@@ -83,7 +83,8 @@ def tasks_to_predict(
     if project.get("evaluate_predictions_automatically"):
         # Listing through the Data Manager would make Label Studio call the backend for every
         # page of tasks without a prediction; the export never does, but is ~7x slower.
-        listed, labelled = client.export_tasks(project_id), _labelled
+        labelled: Callable[[Mapping[str, Any]], bool] = _labelled
+        listed = client.export_tasks(project_id)
     else:
         listed = client.list_tasks(
             project_id, page_size=_LIST_PAGE, include=("id", "data", "total_annotations")

@@ -179,8 +179,30 @@ class Trainer:
                 or now - last_change >= self.settings.quiet_seconds
             ):
                 if not any(j.project_id == project_id for j in self.ledger.pending_jobs()):
-                    logger.info("Auto-training project %d after %d change(s)", project_id, pending)
-                    self.request(project_id, [JobKind.FAST], "auto")
+                    kinds = [JobKind.FAST]
+                    if self._full_due(project_id, seq):
+                        kinds.append(JobKind.FULL)
+                    logger.info(
+                        "Auto-training project %d after %d change(s): %s",
+                        project_id,
+                        pending,
+                        " + ".join(kinds),
+                    )
+                    self.request(project_id, kinds, "auto")
+
+    def _full_due(self, project_id: int, seq: int) -> bool:
+        """A full fine-tune is due when the project's changes grew by `full_min_new` and by
+        `full_growth` since the last full update (whatever its outcome, so a failing one is
+        not retried at every tick)."""
+        s = self.settings
+        if not s.auto_full or self.holder.current is None:
+            return False
+        last = 0
+        for job in self.ledger.jobs(project_id=project_id, limit=50):
+            if job.kind == JobKind.FULL and job.trained_seq is not None:
+                last = int(job.trained_seq)
+                break
+        return seq - last >= s.full_min_new and seq >= last * (1 + s.full_growth)
 
     def run(self, job: Job) -> Job:
         """Run one queued job to its end and record the outcome; returns the job as stored."""

