@@ -455,3 +455,28 @@ def test_a_rejected_candidate_is_kept_with_its_reason_and_later_pruned(setup) ->
     yes = finish({"promote": True, "reason": "first model of the project"})
     assert yes.state == "succeeded"
     assert holder.current.version == yes.promoted_version == store.current_version()
+
+
+def test_full_updates_are_queued_without_a_button_as_the_labels_grow(setup, demo_dataset) -> None:
+    _, _, ledger, make = setup
+    trainer = make(auto_full=True, auto_train_after=10, full_min_new=30, full_growth=0.25)
+
+    def queue_and_finish() -> list[str]:
+        trainer.queue_due_jobs()
+        queued = ledger.pending_jobs()
+        for job in queued:  # as if they ran: what they trained on is the current change count
+            ledger.update_job(
+                job.id, state="succeeded", trained_seq=ledger.change_seq(PROJECT), progress="done"
+            )
+        return sorted(j.kind for j in queued)
+
+    ledger.upsert(records(demo_dataset, 40))
+    assert queue_and_finish() == ["fast", "full"]  # 40 changes: >= 30 new since none
+    ledger.upsert(records(demo_dataset, 10, start=40))
+    assert queue_and_finish() == ["fast"]  # 10 more: a fast update only
+    ledger.upsert(records(demo_dataset, 20, start=50))
+    assert queue_and_finish() == ["fast", "full"]  # 70 = 40 + 30 new, and +75 %
+    off = make(auto_full=False, auto_train_after=10)
+    ledger.upsert(records(demo_dataset, 40, start=70))
+    off.queue_due_jobs()
+    assert [j.kind for j in ledger.pending_jobs()] == ["fast"]

@@ -94,7 +94,7 @@ class Trainer:
             self._reconciled = True
             self._reconcile_all()
         self._follow_current()
-        self._queue_auto_training()
+        self.queue_due_jobs()
         pending = self.ledger.pending_jobs()
         if pending:
             self.run(pending[0])
@@ -166,7 +166,9 @@ class Trainer:
                 return int(job.trained_seq)
         return 0
 
-    def _queue_auto_training(self) -> None:
+    def queue_due_jobs(self) -> None:
+        """Queue a fast update for each project with enough changes (or a quiet period since
+        its last change), and a full one with it when `_full_due` says so."""
         now = time.time()
         for project_id in self.ledger.projects():
             seq = self.ledger.change_seq(project_id)
