@@ -603,7 +603,7 @@ def demo(
     ] = Path("demo"),
     n: Annotated[int, typer.Option(help="Demo images to generate.")] = 800,
     size: Annotated[int, typer.Option(help="Demo image side in pixels.")] = 128,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs for the starter model.")] = 25,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs for the starter model.")] = 8,
     label_studio: Annotated[
         bool, typer.Option(help="Start Label Studio and the backend after training.")
     ] = True,

@@ -200,12 +200,14 @@ def _object_list(value: object, key: str, action: str) -> list[dict[str, Any]]:
     """A payload key that holds one object, or a list of them in bulk events."""
     if value is None:
         return []
-    items = value if isinstance(value, list) else [value]
-    for position, item in enumerate(items):
+    raw: list[object] = value if isinstance(value, list) else [value]
+    items: list[dict[str, Any]] = []
+    for position, item in enumerate(raw):
         if not isinstance(item, dict):
             raise AnnotationPayloadError(
                 f"{action}: {key}[{position}] is {type(item).__name__}, expected an object"
             )
+        items.append(item)
     return items
 
 

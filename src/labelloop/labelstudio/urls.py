@@ -141,7 +141,8 @@ def refused_destination(url: str, settings: FetchSettings) -> str | None:
     except (socket.gaierror, UnicodeError) as exc:
         return f"cannot resolve host {host!r} ({exc})"
     for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        # IPv6 answers may carry a zone ("fe80::1%eth0"); getaddrinfo gives a str host here.
+        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
         if refused_address(address):
             return f"host {host!r} resolves to {address}, a link-local or metadata address"
     return None

@@ -99,7 +99,7 @@ class TrainerSettings(BaseModel):
     # Scheduled without a button once the labels grew by `full_growth` and by `full_min_new`
     # changes since the last one (Start Training forces one at once).
     auto_full: bool = True
-    full_min_new: int = Field(30, ge=1)
+    full_min_new: int = Field(50, ge=1)
     full_growth: float = Field(0.25, ge=0.0)
     # Offline images replayed in a full update: as many as the annotations times this ratio,
     # at least `full_replay_min` (and at most `replay_max`), so it stays minutes, not hours.
