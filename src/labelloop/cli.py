@@ -15,10 +15,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from labelloop.config import ConfigError, TrainConfig, load_config
-from labelloop.ml.checkpoints import CheckpointError, LoadMode
-from labelloop.ml.data import DataError
-from labelloop.store import ModelStore, StoreError
+# Only light modules at import: `labelloop --help` must not pay for torch (issue: < 1 s).
+# Commands import what they need when they run.
+from labelloop.config import LoadMode, TrainConfig, load_config
+from labelloop.errors import CheckpointError, ConfigError, DataError, StoreError
 
 logger = logging.getLogger("labelloop")
 
@@ -28,6 +28,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: rich's option tables cut long option names (`--auto-train-af…`) to
+    # fit 80 columns; click wraps the help text instead and never cuts a name.
+    rich_markup_mode=None,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -332,6 +335,8 @@ def predict(
 @_user_errors
 def versions(model_dir: ModelDirOpt) -> None:
     """List the versions in MODEL_DIR with their test metrics; * marks the current one."""
+    from labelloop.store import ModelStore
+
     store = ModelStore(model_dir)
     current = store.current_version()
     for name in store.versions():
@@ -349,6 +354,8 @@ def rollback(
     model_dir: ModelDirOpt,
 ) -> None:
     """Make VERSION the current model again."""
+    from labelloop.store import ModelStore
+
     ModelStore(model_dir).set_current(version)
     typer.echo(f"current -> {version}")
 
@@ -391,14 +398,14 @@ def serve(
         typer.Option(
             envvar="LABELLOOP_COLD_START_BACKBONE",
             help="First model of a project with no model: a torchvision backbone, or auto "
-            "(the best one with ImageNet weights at hand, offline MobileNetV2 here) [auto].",
+            "(the best one with ImageNet weights at hand, offline MobileNetV2 here).",
         ),
     ] = "auto",
     weights: Annotated[
         str,
         typer.Option(
             envvar="LABELLOOP_COLD_START_WEIGHTS",
-            help="Its weights: imagenet, none, or a checkpoint file [imagenet].",
+            help="Its weights: imagenet, none, or a checkpoint file.",
         ),
     ] = "imagenet",
     auto_full: Annotated[
@@ -566,6 +573,7 @@ def preannotate(
 def status(model_dir: ModelDirOpt) -> None:
     """The current version, recent training jobs and the annotation ledger of MODEL_DIR."""
     from labelloop.loop.ledger import Ledger
+    from labelloop.store import ModelStore
 
     typer.echo(f"current version: {ModelStore(model_dir).current_version() or 'none'}")
     ledger_path = model_dir / "ledger.sqlite3"
@@ -619,6 +627,7 @@ def demo(
     """The main job on embedded defaults: demo data -> starter model -> report, then a real Label
     Studio with a demo project pre-annotated by the backend. Ctrl-C stops everything."""
     from labelloop.dev.demo_stack import DemoPaths, DemoReady, run_stack, train_demo_model
+    from labelloop.store import ModelStore
 
     paths = DemoPaths(workdir)
     if ModelStore(paths.model).current_version() is None:

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import tomllib
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from labelloop.errors import ConfigError
 
 BACKBONES = (
     "resnet18",
@@ -23,8 +26,14 @@ BACKBONES = (
 )
 
 
-class ConfigError(ValueError):
-    """A configuration file or value is invalid; the message says which and why."""
+
+
+class LoadMode(StrEnum):
+    """How `--init-from` loads an earlier model (ml.checkpoints.load_into)."""
+
+    strict = "strict"
+    compatible = "compatible"
+    backbone_only = "backbone-only"
 
 
 class _Section(BaseModel):

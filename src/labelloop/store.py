@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from labelloop.config import PreprocessConfig
+from labelloop.errors import StoreError
 from labelloop.labels import LabelSpace
 from labelloop.ml.checkpoints import load_into, read_checkpoint
 from labelloop.ml.model import build_model, head_out_features, infer_backbone
@@ -57,8 +58,6 @@ _VERSION_RE = re.compile(r"^v(\d+)-(\d{8}T\d{6})$")
 DEFAULT_THRESHOLD = 0.5
 
 
-class StoreError(ValueError):
-    """A model directory or version is missing, inconsistent or corrupt."""
 
 
 class Manifest(BaseModel):

@@ -5,23 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from labelloop.config import LoadMode
+from labelloop.errors import CheckpointError
+
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be loaded as asked; the message says what did not match."""
 
 
-class LoadMode(StrEnum):
-    strict = "strict"
-    compatible = "compatible"
-    backbone_only = "backbone-only"
 
 
 @dataclass

@@ -18,6 +18,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from labelloop.config import DataConfig
+from labelloop.errors import DataError
 from labelloop.labels import LabelSpace
 
 logger = logging.getLogger(__name__)
@@ -26,8 +27,6 @@ PLACEHOLDERS = frozenset({"", "nan", "none", "null", "[]", "-", "n/a"})
 _SEPARATORS = re.compile(r"[;,|]")
 
 
-class DataError(ValueError):
-    """The input data cannot be used as given; the message says what is wrong and how to fix it."""
 
 
 class UnknownLabelsError(DataError):
