@@ -1,32 +1,33 @@
-"""Shared fixtures: a tiny demo dataset and a tiny trained model, made once per test run."""
+"""Shared fixtures of tests/unit, tests/integration and tests/e2e: a tiny demo dataset and a tiny
+trained model, made once per test run; and the isolation every test gets."""
 
 from __future__ import annotations
 
-import os
-import shutil
+import logging
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_config
 
-from labelloop.config import TrainConfig
-from labelloop.dev.demo import LABEL_GROUPS, DemoDataset, generate_demo_dataset
+from labelloop.dev.demo import DemoDataset, generate_demo_dataset
 from labelloop.training.offline import DataSource, TrainOptions, TrainOutcome, run_training
 
 # Two cores: more threads only add contention in the tests.
 torch.set_num_threads(2)
 
 
-def tiny_config(**optim: object) -> TrainConfig:
-    """ResNet18 at 32 px, random init: seconds per epoch on two CPU cores."""
-    return TrainConfig().with_overrides(
-        {
-            "data": {"classes": {g: list(c) for g, c in LABEL_GROUPS.items()}},
-            "preprocess": {"image_size": 32},
-            "model": {"weights": "none"},
-            "optim": {"epochs": 2, "batch_size": 16, "lr": 2e-3, **optim},
-        }
-    )
+@pytest.fixture(autouse=True)
+def _isolated_logging():
+    """Logging as each test found it: a CLI call in one test (``--log-level ERROR``) must not
+    change the level or the handlers another test's log assertions see."""
+    names = ("labelloop", "uvicorn", "matplotlib", "PIL", "httpx", "httpcore")  # what cli sets
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in names)]
+    saved = [(lg, lg.level, list(lg.handlers)) for lg in loggers]
+    yield
+    for lg, level, handlers in saved:
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
 
 
 @pytest.fixture(scope="session")
@@ -46,72 +47,3 @@ def trained_model(
     )
     assert outcome is not None
     return model_dir, outcome
-
-
-# --- a real Label Studio and our backend as processes, for end-to-end tests ----------------------
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def label_studio(tmp_path_factory: pytest.TempPathFactory):
-    """Label Studio 1.23.2 in its own venv (installed on first use), booted once per run."""
-    from labelloop.dev.launcher import (
-        LabelStudioServer,
-        LabelStudioSettings,
-        ensure_label_studio,
-        free_port,
-    )
-    from labelloop.labelstudio.client import LabelStudioClient
-
-    executable = ensure_label_studio(Path(os.environ.get("LABELLOOP_LS_VENV", REPO / ".venv-ls")))
-    root = tmp_path_factory.mktemp("label-studio")
-    settings = LabelStudioSettings(
-        data_dir=root / "data", document_root=root / "files", port=free_port()
-    )
-    settings.document_root.mkdir(parents=True)
-    with LabelStudioServer(executable, settings, log_file=root / "label-studio.log") as server:
-        client = LabelStudioClient(settings.url, settings.token)
-        try:
-            yield server, client
-        finally:
-            client.close()
-
-
-@pytest.fixture(scope="session")
-def backend_factory(label_studio, trained_model, tmp_path_factory: pytest.TempPathFactory):
-    from servers import BackendProcess
-
-    server, _ = label_studio
-    started: list[BackendProcess] = []
-
-    def start(
-        *, basic_auth: tuple[str, str] | None = None, args: tuple[str, ...] = ()
-    ) -> BackendProcess:
-        folder = tmp_path_factory.mktemp("backend")
-        # Each backend learns into its own copy: versions and ledgers never leak between tests.
-        model_dir = folder / "model"
-        shutil.copytree(trained_model[0], model_dir)
-        backend = BackendProcess(
-            model_dir,
-            folder / "backend.log",
-            env={
-                "LABEL_STUDIO_URL": server.settings.url,
-                "LABEL_STUDIO_API_KEY": server.settings.token,
-                "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(server.settings.document_root),
-                "LOG_LEVEL": "INFO",
-            },
-            basic_auth=basic_auth,
-            args=args,
-        )
-        started.append(backend)
-        return backend
-
-    yield start
-    for backend in started:
-        backend.stop()
-
-
-@pytest.fixture(scope="session")
-def backend(backend_factory):
-    return backend_factory()

@@ -5,26 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
+from helpers import wait_until
 
 from labelloop.dev.launcher import free_port
 from labelloop.dev.threaded import serve_in_thread
 
 __all__ = ["BackendProcess", "free_port", "serve_in_thread", "wait_until"]
-
-
-def wait_until(predicate, *, timeout_s: float, what: str, interval_s: float = 0.2):
-    """Poll `predicate` until it returns something truthy (returned), or fail after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 class BackendProcess:
@@ -85,18 +74,23 @@ class BackendProcess:
         return httpx.get(f"{self.url}{path}", auth=self.auth, timeout=10).json()
 
     def _wait_ready(self, timeout_s: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"backend exited: {self.log_path.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/health", auth=self.auth, timeout=2).status_code == 200:
-                    return
+                return httpx.get(f"{self.url}/health", auth=self.auth, timeout=2).status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"backend did not become ready: {self.log_path.read_text()[-3000:]}")
+                return False
+
+        try:
+            wait_until(
+                ready, timeout_s=timeout_s, what=f"the backend on {self.url}", interval_s=0.3
+            )
+        except AssertionError:
+            self.stop()
+            raise RuntimeError(
+                f"backend did not become ready: {self.log_path.read_text()[-3000:]}"
+            ) from None
 
     def kill(self) -> None:
         """SIGKILL: no shutdown handlers, exactly like a crash or the OOM killer."""

@@ -1,14 +1,14 @@
 """The real-image benchmark: labels true to the pixels, splits that share no source, determinism.
 
 Components come from scikit-learn's handwritten digits here (shipped in the wheel, no
-download); the benchmark uses Fashion-MNIST, whose Debian download is tested at the end.
+download); the benchmark uses Fashion-MNIST, whose Debian download is tested in
+tests/integration/test_realdata_download.py.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,6 @@ from labelloop.config import DataConfig
 from labelloop.ml.data import load_metadata
 from labelloop.realdata import (
     DEFECT_TEXTURES,
-    FASHION_MNIST_COMPONENTS,
     SPLITS,
     ComponentPool,
     RealDataError,
@@ -170,31 +169,3 @@ def test_fashion_mnist_without_apt_says_how_to_get_it(tmp_path: Path, monkeypatc
         fetch_fashion_mnist(tmp_path / "cache")
     with pytest.raises(RealDataError, match="fetch_fashion_mnist"):
         load_fashion_mnist(tmp_path)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(
-    shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None,
-    reason="Fashion-MNIST is fetched with apt-get download (Debian/Ubuntu only)",
-)
-def test_fashion_mnist_is_fetched_from_debian_and_split_by_file(tmp_path: Path) -> None:
-    folder = fetch_fashion_mnist(tmp_path)
-    stamp = (folder / "train-images-idx3-ubyte.gz").stat().st_mtime_ns
-    assert fetch_fashion_mnist(tmp_path) == folder  # found, not fetched again
-    assert (folder / "train-images-idx3-ubyte.gz").stat().st_mtime_ns == stamp
-
-    fashion = load_fashion_mnist(folder)
-
-    assert fashion.classes == FASHION_MNIST_COMPONENTS
-    assert fashion.files == {
-        "train": "train-images-idx3-ubyte.gz",
-        "test": "t10k-images-idx3-ubyte.gz",
-    }
-    for name in fashion.classes:
-        # Fashion-MNIST is balanced: 6,000 train and 1,000 test photos per class, 28 x 28.
-        assert fashion.items["train"][name][1].shape == (6000, 28, 28)
-        assert fashion.items["test"][name][1].shape == (1000, 28, 28)
-    built = build_realdata(tmp_path / "out", fashion, n_train=4, n_test=2, size=SIZE)
-    assert {r["source"] for r in _rows(built.test.root / "sources.csv") if r["item"]} == {
-        "t10k-images-idx3-ubyte.gz"
-    }

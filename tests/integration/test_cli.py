@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,17 @@ def test_console_script_help_lists_the_commands() -> None:
     assert done.returncode == 0
     for command in ("train", "evaluate", "predict", "demo-data", "demo", "versions", "rollback"):
         assert command in done.stdout
+
+
+def test_log_records_after_a_cli_call_reach_the_current_stderr(capsys) -> None:
+    """CliRunner lends the command a stderr of its own and closes it afterwards; the logging the
+    command configured must not stay bound to it (a later record, like the Label Studio
+    launcher's in a session fixture, would be a `--- Logging error ---` on a closed file)."""
+    assert invoke("--log-level", "INFO", "versions", "--help").exit_code == 0
+    logging.getLogger("labelloop.dev.launcher").info("a record after the CLI call")
+    err = capsys.readouterr().err
+    assert "a record after the CLI call" in err
+    assert "Logging error" not in err
 
 
 def test_train_help_explains_the_common_flags() -> None:

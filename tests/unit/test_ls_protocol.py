@@ -23,7 +23,7 @@ from labelloop.labelstudio.protocol import (
     project_id_from,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "label-studio-1.23.2"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "label-studio-1.23.2"
 
 MODEL_OF_FIXTURE: dict[str, type[BaseModel]] = {
     "setup.json": SetupRequest,

@@ -19,7 +19,7 @@ from labelloop.serve.app import create_app
 from labelloop.serve.settings import settings_from
 from labelloop.store import load_bundle
 
-FIXTURES = Path(__file__).parent / "fixtures" / "label-studio-1.23.2"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "label-studio-1.23.2"
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
 CONFIG = """<View>
   <Image name="image" value="$image"/>

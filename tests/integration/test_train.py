@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 
 from labelloop.config import OptimConfig
 from labelloop.ml.dataset import ImageDataset, collate_skip_none

@@ -82,10 +82,12 @@ def test_retrieve_predictions_stores_valid_predictions(
 
 
 def test_opening_a_task_without_prediction_triggers_one(
-    label_studio, project, connected, demo_dataset
+    label_studio, backend, demo_dataset
 ) -> None:
     _, client = label_studio
-    pid = project["id"]
+    # A project of its own: a task added to the module's would change what the other tests see.
+    pid = client.create_project("e2e open a task", demo_dataset.label_config.read_text())["id"]
+    client.connect_ml_backend(pid, backend.url, title="labelloop-e2e-open")
     image = sorted(demo_dataset.images_dir.glob("*.png"))[12]
     [task_id] = client.import_files(pid, [image])
     assert client.predictions(task_id=task_id) == []
@@ -97,14 +99,16 @@ def test_opening_a_task_without_prediction_triggers_one(
     )
 
 
-def test_backend_with_basic_auth(label_studio, project, backend_factory) -> None:
+def test_backend_with_basic_auth(label_studio, backend_factory, demo_dataset) -> None:
     server, client = label_studio
+    # A project of its own: a second backend on the module's would change what the others see.
+    pid = client.create_project("e2e basic auth", demo_dataset.label_config.read_text())["id"]
     secured = backend_factory(basic_auth=("ls-user", "ls-pass"))
     assert httpx.get(f"{secured.url}/health", timeout=5).status_code == 401
     with pytest.raises(LabelStudioAPIError):
-        client.connect_ml_backend(project["id"], secured.url, title="no-auth")
+        client.connect_ml_backend(pid, secured.url, title="no-auth")
     ml = client.connect_ml_backend(
-        project["id"], secured.url, title="with-auth", basic_auth=("ls-user", "ls-pass")
+        pid, secured.url, title="with-auth", basic_auth=("ls-user", "ls-pass")
     )
     assert ml["state"] == "CO"
     # Tokens and passwords never reach the logs, whatever Label Studio sent us.

@@ -21,7 +21,7 @@ from labelloop.labelstudio.client import LabelStudioAPIError, LabelStudioClient
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LS_VENV = Path(os.environ.get("LABELLOOP_LS_VENV", REPO / ".venv-ls"))
 
 LABEL_CONFIG = """

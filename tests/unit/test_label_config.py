@@ -16,7 +16,7 @@ from labelloop.labelstudio.label_config import (
     parse_label_config,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "label-studio-1.23.2"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "label-studio-1.23.2"
 FIXTURE_CONFIG: str = json.loads((FIXTURES / "setup.json").read_text(encoding="utf-8"))["schema"]
 
 THREE_CONTROLS = """

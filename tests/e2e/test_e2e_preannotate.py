@@ -137,8 +137,7 @@ def test_preannotate_without_credentials_is_a_clear_error(project) -> None:
 def test_preannotate_never_makes_label_studio_call_the_backend(project, backend) -> None:
     """With "retrieve predictions automatically" on, listing tasks through the Data Manager makes
     Label Studio call every connected backend for tasks without a prediction; pre-annotation
-    must read the tasks another way. (Reuses the module's project: new tasks would shift the
-    task ids, and so the held-out split, of the end-to-end tests that run after this one.)"""
+    must read the tasks another way. (Reuses the module's project and its 240 tasks.)"""
     client, pid = project["client"], project["id"]
     client.delete_version_predictions(pid, ModelStore(project["model_dir"]).current_version())
     assert not client.predictions(project_id=pid)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import wait_until
 
 from labelloop.labelstudio.annotations import AnnotationRecord
 from labelloop.loop.ledger import Ledger, LedgerError, ReconcileResult
@@ -216,7 +217,8 @@ def test_reconcile_leaves_other_projects_alone(ledger: Ledger) -> None:
 def test_reconcile_as_of_keeps_what_arrived_after_the_snapshot(ledger: Ledger) -> None:
     ledger.upsert([rec(1, 10), rec(2, 11)])
     as_of = time.time()
-    time.sleep(0.01)
+    # The next write must be stamped after the snapshot: wait for the clock, not a duration.
+    wait_until(lambda: time.time() > as_of, timeout_s=5, what="the clock to move", interval_s=0.001)
     ledger.upsert([rec(3, 12)])  # a webhook while the snapshot was being fetched
     ledger.delete([2])  # deleted after the snapshot was taken: the snapshot is stale on it
     assert ledger.reconcile(P, [rec(2, 11)], as_of=as_of) == ReconcileResult(0, 0, 1)

@@ -27,7 +27,7 @@ from labelloop.labelstudio.results import (
     validate_prediction,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "label-studio-1.23.2"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "label-studio-1.23.2"
 PREDICT = PredictRequest.model_validate_json(
     (FIXTURES / "predict_two_tasks.json").read_text(encoding="utf-8")
 )

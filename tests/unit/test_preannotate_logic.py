@@ -8,7 +8,7 @@ slow, as they are in a big project.
 
 from __future__ import annotations
 
-import time
+import threading
 from typing import Any
 
 import pytest
@@ -119,15 +119,17 @@ def test_limit_cuts_the_work_without_counting_as_skipped() -> None:
 
 
 class SlowImports:
-    """Records what reaches Label Studio; every import takes `seconds`, like a big project's."""
+    """Records what reaches Label Studio; an import lasts until the test opens `gate`, like a
+    big project's slow ones (no gate: imports return at once)."""
 
-    def __init__(self, seconds: float, fail: bool = False) -> None:
-        self.seconds = seconds
+    def __init__(self, gate: threading.Event | None = None, fail: bool = False) -> None:
+        self.gate = gate
         self.fail = fail
         self.calls: list[tuple[str, Any]] = []
 
     def import_predictions(self, project_id: int, predictions: list[dict[str, Any]]) -> int:
-        time.sleep(self.seconds)
+        if self.gate is not None:
+            assert self.gate.wait(timeout=30), "the test never let the import finish"
         if self.fail:
             raise RuntimeError("Label Studio said no")
         self.calls.append(("import", [p["task"] for p in predictions]))
@@ -138,10 +140,12 @@ class SlowImports:
 
 
 def test_pushes_gather_while_one_is_in_flight_and_keep_their_order() -> None:
-    client = SlowImports(seconds=1.0)
+    in_flight = threading.Event()
+    client = SlowImports(gate=in_flight)
     with _Pusher(client, 1) as pusher:  # type: ignore[arg-type]
         for task in range(10):
             pusher.add([{"task": task}], stale=[100 + task] if task in (0, 7) else [])
+        in_flight.set()  # the first import ends only now, after all ten were added
         pusher.finish()
     # The first push goes at once; the other nine arrive while it is in flight and go as one.
     assert pusher.pushes == 2
@@ -154,7 +158,7 @@ def test_pushes_gather_while_one_is_in_flight_and_keep_their_order() -> None:
 
 
 def test_a_failed_push_fails_the_run() -> None:
-    with _Pusher(SlowImports(seconds=0.0, fail=True), 1) as pusher:  # type: ignore[arg-type]
+    with _Pusher(SlowImports(fail=True), 1) as pusher:  # type: ignore[arg-type]
         pusher.add([{"task": 1}], stale=[])
         with pytest.raises(RuntimeError, match="Label Studio said no"):
             pusher.finish()

@@ -19,7 +19,7 @@ from labelloop.labelstudio.annotations import (
 )
 from labelloop.labelstudio.protocol import WebhookEvent
 
-FIXTURES = Path(__file__).parent / "fixtures" / "label-studio-1.23.2"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "label-studio-1.23.2"
 IMAGE = "/data/upload/1/a37db019-upl_0.png"
 
 
