@@ -106,7 +106,7 @@ def test_bad_flag_value_is_a_usage_error(demo_dataset, tmp_path: Path) -> None:
         "vgg11",
     )
     assert result.exit_code == 2
-    assert "backbone must be one of" in result.output
+    assert "backbone must be auto or one of" in result.output
 
 
 def test_train_with_config_file_and_flags(demo_dataset, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from labelloop.config import ConfigError, TrainConfig, load_config
 
 def test_defaults() -> None:
     config = load_config(None)
-    assert config.model.backbone == "resnet18"
+    assert config.model.backbone == "auto"  # resolved when training starts (ml.model)
     assert config.data.label_columns == ("components", "defects")
     assert config.optim.monitor == "map"
 
@@ -43,7 +43,7 @@ def test_flags_override_the_file_and_none_means_unset(tmp_path: Path) -> None:
     [
         ("[optim]\nepochs = 0\n", "optim.epochs"),
         ("[optim]\nepoch = 3\n", "optim.epoch: Extra inputs are not permitted"),
-        ('[model]\nbackbone = "vgg"\n', "backbone must be one of"),
+        ('[model]\nbackbone = "vgg"\n', "backbone must be auto or one of"),
         ("[split]\nval_fraction = 0.6\ntest_fraction = 0.5\n", "must leave data to train on"),
         ('[data]\nclasses = {colour = ["red"]}\n', "not among label_columns"),
         ("[thresholds]\nmin_threshold = 0.9\nmax_threshold = 0.1\n", "min_threshold"),
