@@ -102,8 +102,11 @@ def tune_thresholds(
     min_threshold: float = 0.05,
     max_threshold: float = 0.95,
     grid_size: int = 101,
+    classes: Sequence[str] | None = None,
 ) -> ThresholdResult:
     """Choose one threshold per class maximising F-beta on (validation) data.
+
+    `classes` names the columns in log messages (else they are called by index).
 
     Per class:
       * fewer than ``min_positives`` positives -> ``default`` (method "default", score nan);
@@ -154,7 +157,7 @@ def tune_thresholds(
         t, method, score = _tune_one(
             y_true[:, c],
             y_prob[:, c],
-            class_index=c,
+            name=classes[c] if classes is not None and c < len(classes) else f"index {c}",
             beta=beta,
             default=default,
             min_positives=min_positives,
@@ -188,7 +191,7 @@ def _tune_one(
     y_true: np.ndarray,
     y_prob: np.ndarray,
     *,
-    class_index: int,
+    name: str,
     beta: float,
     default: float,
     min_positives: int,
@@ -200,9 +203,8 @@ def _tune_one(
     n_pos = int(y_true.sum())
     if n_pos < min_positives:
         logger.warning(
-            "Class index %d has %d positive(s) (< min_positives=%d): "
-            "using the default threshold %.3f",
-            class_index,
+            "Class %s has %d positive(s) (< min_positives=%d): using the default threshold %.3f",
+            name,
             n_pos,
             min_positives,
             default,
@@ -212,14 +214,14 @@ def _tune_one(
     if _pr_curve_is_degenerate(y_true, y_prob):
         method = METHOD_GRID
         raw = _best_grid_threshold(y_true, y_prob, beta=beta, grid_size=grid_size)
-        logger.debug("Class index %d: degenerate PR curve, grid search gave %.4f", class_index, raw)
+        logger.debug("Class %s: degenerate PR curve, grid search gave %.4f", name, raw)
     else:
         method = METHOD_PR_CURVE
         raw = _best_pr_curve_threshold(y_true, y_prob, beta=beta)
 
     threshold = float(np.clip(raw, min_threshold, max_threshold))
     if threshold != raw:
-        logger.debug("Class index %d: threshold %.4f clipped to %.4f", class_index, raw, threshold)
+        logger.debug("Class %s: threshold %.4f clipped to %.4f", name, raw, threshold)
     # Scored with sklearn at the final threshold, so the reported score is the one
     # that apply_thresholds will actually produce (clipped or not).
     score = float(fbeta_score(y_true, y_prob >= threshold, beta=beta, zero_division=0))

@@ -123,6 +123,7 @@ def tune(
         min_positives=config.min_positives,
         min_threshold=config.min_threshold,
         max_threshold=config.max_threshold,
+        classes=classes,
     )
     values = [float(t) for t in detail.thresholds]
     untuned = [i for i, method in enumerate(detail.methods) if method == "default"]
