@@ -51,13 +51,12 @@ MODEL_FILE = "model.pth"
 CLASSES_FILE = "classes.json"
 THRESHOLDS_FILE = "thresholds.json"
 MANIFEST_FILE = "manifest.json"
+ONNX_FILE = "model.onnx"  # the ONNX export, checked against PyTorch when it was stored
 SPLITS_FILE = "splits.csv"  # image_id -> train/val/test of the offline run a lineage came from
 CURRENT_FILE = "current"
 VERSIONS_DIR = "versions"
 _VERSION_RE = re.compile(r"^v(\d+)-(\d{8}T\d{6})$")
 DEFAULT_THRESHOLD = 0.5
-
-
 
 
 class Manifest(BaseModel):
@@ -168,6 +167,15 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     with tmp.open("w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=2, sort_keys=False)
         handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     tmp.replace(path)
@@ -348,7 +356,7 @@ class ModelStore:
         for version, manifest in rejected[: max(0, len(rejected) - keep)]:
             folder = self.versions_dir / version
             files = dict(manifest.files)
-            for name in (MODEL_FILE,):
+            for name in (MODEL_FILE, ONNX_FILE):
                 files.pop(name, None)
                 (folder / name).unlink(missing_ok=True)
             updated = manifest.model_copy(update={"files": files, "weights_pruned": True})
@@ -407,6 +415,32 @@ def verify_version_dir(version_dir: Path) -> Manifest:
         if sha256_file(path) != expected:
             raise StoreError(f"{version_dir.name}: {name} does not match its checksum (corrupt)")
     return manifest
+
+
+def stored_onnx(bundle: ModelBundle) -> bytes | None:
+    """The version's ONNX graph, when one was stored (its checksum was verified at load)."""
+    if bundle.manifest.files.get(ONNX_FILE) is None:
+        return None
+    try:
+        return (bundle.path / ONNX_FILE).read_bytes()
+    except OSError:
+        return None
+
+
+def store_onnx(bundle: ModelBundle, graph: bytes) -> None:
+    """Keep a version's checked ONNX export beside its weights, with its checksum in the
+    manifest, so every later load (a restart, another replica, `labelloop preannotate`) skips
+    the export. Versions without a manifest (the old loose layout) are left as they are."""
+    folder = bundle.path
+    if not (folder / MANIFEST_FILE).is_file() or ONNX_FILE in bundle.manifest.files:
+        return
+    write_bytes_atomic(folder / ONNX_FILE, graph)
+    manifest = read_manifest(folder)
+    files = {**manifest.files, ONNX_FILE: sha256_file(folder / ONNX_FILE)}
+    write_json_atomic(
+        folder / MANIFEST_FILE, manifest.model_copy(update={"files": files}).model_dump(mode="json")
+    )
+    bundle.manifest.files[ONNX_FILE] = files[ONNX_FILE]
 
 
 def read_name_list(path: Path) -> list[str]:

@@ -113,3 +113,42 @@ def test_served_model_gives_the_same_probabilities_on_either_runtime(trained_mod
     eager = LoadedModel.from_bundle(bundle, runtime="torch")
     assert fast.runner.name == "onnxruntime"
     np.testing.assert_allclose(fast.runner(batch), eager.runner(batch), atol=AGREEMENT_TOLERANCE)
+
+
+def test_a_version_is_exported_to_onnx_once_and_later_loads_reuse_it(
+    trained_model, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import shutil
+
+    from labelloop.runtime import inference
+    from labelloop.store import ONNX_FILE, StoreError
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_model[0], model_dir)
+    # The session's model may have been loaded (and its graph stored) by an earlier test.
+    version_dir = load_bundle(model_dir).path
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    manifest["files"].pop(ONNX_FILE, None)
+    (version_dir / "manifest.json").write_text(json.dumps(manifest))
+    (version_dir / ONNX_FILE).unlink(missing_ok=True)
+    exports = []
+    real_export = inference.export_onnx
+
+    def counting(model, image_size):  # noqa: ANN001, ANN202
+        exports.append(image_size)
+        return real_export(model, image_size)
+
+    monkeypatch.setattr(inference, "export_onnx", counting)
+    first = LoadedModel.from_bundle(load_bundle(model_dir), runtime="auto")
+    assert first.runner.name == "onnxruntime" and len(exports) == 1
+    bundle = load_bundle(model_dir)  # checksums verified, model.onnx among them
+    assert ONNX_FILE in bundle.manifest.files
+    again = LoadedModel.from_bundle(bundle, runtime="auto")
+    assert len(exports) == 1  # no second export, no second check
+    batch = torch.randn(2, 3, bundle.preprocess.image_size, bundle.preprocess.image_size)
+    np.testing.assert_allclose(again.runner(batch), first.runner(batch), atol=1e-6)
+    # A stored graph that was tampered with is refused like any corrupt file of the version.
+    (bundle.path / ONNX_FILE).write_bytes(b"not onnx")
+    with pytest.raises(StoreError, match="checksum"):
+        load_bundle(model_dir)

@@ -14,6 +14,7 @@ import io
 import logging
 import threading
 import warnings
+from collections.abc import Callable
 from typing import Literal, Protocol, get_args
 
 import numpy as np
@@ -65,7 +66,7 @@ class TorchRunner:
 class OnnxRunner:
     name = "onnxruntime"
 
-    def __init__(self, model: nn.Module, image_size: int, *, threads: int | None = None) -> None:
+    def __init__(self, graph: bytes, *, threads: int | None = None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -74,9 +75,7 @@ class OnnxRunner:
         # would fight the download workers for the cores.
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(
-            export_onnx(model, image_size), options, providers=["CPUExecutionProvider"]
-        )
+        self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         self._input = self.session.get_inputs()[0].name
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
@@ -107,11 +106,22 @@ def export_onnx(model: nn.Module, image_size: int) -> bytes:
     return buffer.getvalue()
 
 
-def build_runner(model: nn.Module, *, image_size: int, runtime: str = "auto") -> Runner:
+def build_runner(
+    model: nn.Module,
+    *,
+    image_size: int,
+    runtime: str = "auto",
+    graph: bytes | None = None,
+    on_export: Callable[[bytes], None] | None = None,
+) -> Runner:
     """The fastest runtime that reproduces `model`'s outputs; see the module docstring.
 
     runtime: "auto" (CUDA if present, else ONNX Runtime if it agrees, else PyTorch), "torch",
     or "onnxruntime" (raises RuntimeUnavailable instead of falling back).
+
+    `graph`: an ONNX export of this model that was checked against PyTorch when it was stored
+    (a version's model.onnx): used as it is, so a load costs no export and no check. Otherwise
+    the model is exported and checked here, and `on_export(graph)` may store the result.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
@@ -120,8 +130,14 @@ def build_runner(model: nn.Module, *, image_size: int, runtime: str = "auto") ->
         return TorchRunner(model)
     if runtime == "auto" and torch.cuda.is_available():
         return TorchRunner(model, torch.device("cuda"))
+    if graph is not None:
+        try:
+            return OnnxRunner(graph)
+        except Exception as exc:  # noqa: BLE001 - a stored graph this runtime cannot read
+            logger.warning("The stored ONNX graph cannot be loaded (%s); exporting again", exc)
     try:
-        runner = OnnxRunner(model.cpu(), image_size)
+        graph = export_onnx(model.cpu(), image_size)
+        runner = OnnxRunner(graph)
         difference = _max_difference(runner, model, image_size)
     except Exception as exc:  # noqa: BLE001 - export and session errors come in many types
         # Exporter messages can carry the whole graph; the first line names the problem.
@@ -141,6 +157,11 @@ def build_runner(model: nn.Module, *, image_size: int, runtime: str = "auto") ->
         logger.warning("%s; serving with eager PyTorch", message)
         return TorchRunner(model)
     logger.debug("ONNX Runtime agrees with PyTorch to %.1e", difference)
+    if on_export is not None:
+        try:
+            on_export(graph)
+        except OSError as exc:  # a read-only model folder still serves, it just exports again
+            logger.warning("Could not store the ONNX graph (%s); later loads export again", exc)
     return runner
 
 

@@ -38,7 +38,7 @@ from labelloop.labelstudio.results import (
 from labelloop.labelstudio.urls import ImageFetchError
 from labelloop.ml.transforms import eval_transform, resize_size
 from labelloop.runtime.inference import Runner, build_runner
-from labelloop.store import ModelBundle, load_bundle
+from labelloop.store import ModelBundle, load_bundle, store_onnx, stored_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,11 @@ class LoadedModel:
     @classmethod
     def from_bundle(cls, bundle: ModelBundle, *, runtime: str = "auto") -> LoadedModel:
         runner = build_runner(
-            bundle.model, image_size=bundle.preprocess.image_size, runtime=runtime
+            bundle.model,
+            image_size=bundle.preprocess.image_size,
+            runtime=runtime,
+            graph=stored_onnx(bundle),
+            on_export=lambda graph: store_onnx(bundle, graph),
         )
         logger.info("%s runs on %s", bundle.version, runner.name)
         return cls(
