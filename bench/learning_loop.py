@@ -45,6 +45,7 @@ from labelloop.training.offline import DataSource, TrainOptions, run_training
 
 PROJECT = 1
 BATCH = 10
+DEFAULTS = TrainerSettings()
 
 
 @dataclass
@@ -238,7 +239,12 @@ def render(args, steps: list[Step], candidates, total: float) -> str:
         f"labelloop.realdata ({args.image_px} px, seed {args.seed}), {args.n_test} fixed test "
         "images from disjoint source photos; annotations in batches of 10; after each batch "
         "the trainer's own schedule (fast update per 10 changes"
-        + ("" if args.no_full else ", full fine-tune at +25 % and +30 labels")
+        + (
+            ""
+            if args.no_full
+            else f", full fine-tune at +{DEFAULTS.full_growth:.0%} and +{DEFAULTS.full_min_new} "
+            f"labels, {DEFAULTS.full_epochs} epochs at most"
+        )
         + f"); total {total / 60:.1f} min.\n",
         "| labels | served test macro-F1 | jobs after this batch |",
         "|---|---|---|",

@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 PROJECT = 21
 CLIENTS = 50
 MIN_REQUESTS = 6  # per client
-MAX_REQUESTS = 40  # per client, whatever happens
+MAX_REQUESTS = 80  # per client, whatever happens (a fast update replays offline data too)
 LOAD_DEADLINE_S = 120.0
 BATCH = 4
 RSS_GROWTH_LIMIT_MB = 1024
@@ -106,6 +106,9 @@ def test_fifty_clients_during_training_and_hot_swaps(
             "3600",
             "--tolerance",
             "1.0",
+            # Hot swaps of fast updates are under test; a full fine-tune would only hold the
+            # trainer for minutes on cores the 50 clients already saturate.
+            "--no-auto-full",
         ),
     )
     pid = backend.process.pid

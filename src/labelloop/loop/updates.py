@@ -105,9 +105,11 @@ class TrainerSettings(BaseModel):
     # at least `full_replay_min` (and at most `replay_max`), so it stays minutes, not hours.
     full_replay_ratio: float = Field(1.0, ge=0.0)
     full_replay_min: int = Field(200, ge=0)
-    full_epochs: int = Field(5, ge=1)
-    full_lr: float = Field(1e-4, gt=0)
-    full_patience: int = Field(2, ge=1)
+    # Epochs and patience of a full update; the learning rate, monitor and class weights are
+    # the model's own TrainConfig's (`labelloop train`'s recipe), unless `full_lr` is set.
+    full_epochs: int = Field(15, ge=1)
+    full_lr: float | None = Field(None, gt=0)
+    full_patience: int = Field(3, ge=1)
     full_batch_size: int = Field(16, ge=1)
     replay_max: int = Field(2000, ge=0)
     fetch_workers: int = Field(8, ge=1)
@@ -361,9 +363,8 @@ class Updater:
             update={
                 "epochs": s.full_epochs,
                 "batch_size": s.full_batch_size,
-                "lr": s.full_lr,
+                "lr": s.full_lr or train_config.optim.lr,
                 "patience": s.full_patience,
-                "monitor": "loss",
                 "num_workers": 0,
             }
         )
@@ -469,7 +470,9 @@ class Updater:
             candidate_pred,
             current_pred,
             tolerance=s.tolerance,
-            min_items=s.min_gate_items,
+            # No benefit of the doubt for a new backbone: a fine-tune that goes wrong goes
+            # wrong by a lot, so a full update must not be worse even on a few items.
+            min_items=1,
             sources={"annotated": int(holdout.sum()), "offline_test": len(offline_test)},
         )
         metrics: dict[str, Any] = {
