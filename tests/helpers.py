@@ -40,3 +40,13 @@ def tiny_config(**optim: object) -> TrainConfig:
             "optim": {"epochs": 2, "batch_size": 16, "lr": 2e-3, **optim},
         }
     )
+
+
+def result_for(labels: dict[str, list[str]]) -> list[dict]:
+    """An annotation's result: one Choices item per control with labels (the demo config's
+    controls point at the image named "image")."""
+    return [
+        {"from_name": control, "to_name": "image", "type": "choices", "value": {"choices": names}}
+        for control, names in labels.items()
+        if names
+    ]

@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+from helpers import result_for
 from PIL import Image
 from servers import wait_until
 
@@ -17,14 +18,6 @@ pytestmark = pytest.mark.e2e
 
 N_TASKS = 100
 N_ANNOTATED = 80
-
-
-def result_for(labels: dict[str, list[str]]) -> list[dict]:
-    return [
-        {"from_name": control, "to_name": "image", "type": "choices", "value": {"choices": names}}
-        for control, names in labels.items()
-        if names
-    ]
 
 
 def training_jobs(backend) -> list[dict]:

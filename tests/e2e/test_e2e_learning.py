@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from helpers import result_for
 from servers import wait_until
 
 from labelloop.dev.demo import DemoDataset, generate_demo_dataset
@@ -21,14 +22,6 @@ pytestmark = pytest.mark.e2e
 N_HELDOUT = 100
 N_ANNOTATED = 150
 FIRST_BATCH = 20
-
-
-def result_for(labels: dict[str, list[str]]) -> list[dict]:
-    return [
-        {"from_name": control, "to_name": "image", "type": "choices", "value": {"choices": names}}
-        for control, names in labels.items()
-        if names
-    ]
 
 
 def settled(backend, n_changes: int) -> bool:

@@ -230,8 +230,9 @@ class Updater:
         kept = [(e, d) for e, d in fetched if str(e.task_id) not in failed_keys]
         annotated_keys = {content_key(d) for _, d in kept}
         targets = targets_of(space, [e for e, _ in kept], controls)
-        holdout = np.array([split_of(e.task_id, self.settings) == "holdout" for e, _ in kept])
-        holdout = holdout.astype(bool).reshape(-1)
+        holdout = np.array(
+            [split_of(e.task_id, self.settings) == "holdout" for e, _ in kept], dtype=bool
+        )
 
         train = ~holdout
         n_annotated = int(train.sum())
@@ -327,17 +328,9 @@ class Updater:
         """Embeddings of offline images, less those a project annotation now labels (the latest
         annotation of an image overrides its offline label)."""
         dim = head_of(base.model).dim
-        pairs, rows = [], []
-        for i, path in enumerate(items):
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                logger.debug("Offline image %s unreadable: %s", path, exc)
-                continue
-            if content_key(data) in skip_keys:
-                continue
-            pairs.append((str(path), data))
-            rows.append(i)
+        kept = _not_relabelled(items, skip_keys)
+        pairs = [(str(items[i]), data) for i, data in kept]
+        rows = [i for i, _ in kept]
         if not pairs:
             return np.zeros((0, dim), np.float32), np.zeros((0, targets.shape[1]), np.float32)
         self._progress(job, f"embedding {len(pairs)} offline images")
@@ -449,17 +442,13 @@ class Updater:
         candidate_pred = current_pred = np.zeros((0, len(space)), dtype=bool)
         if eval_items:
             self._progress(job, f"comparing with the served model on {len(eval_items)} images")
+            # One loader for both models: the same items, in the same order (unshuffled).
+            eval_loader = loader(eval_items, eval_true, base.preprocess, train=False)
             candidate_probs, eval_true, _, _ = predict(
-                model,
-                loader(eval_items, eval_true, base.preprocess, train=False),
-                device,
-                show_progress=False,
+                model, eval_loader, device, show_progress=False
             )
             current_probs, _, _, _ = predict(
-                base.model,
-                loader(eval_items, eval_true, base.preprocess, train=False),
-                torch.device("cpu"),
-                show_progress=False,
+                base.model, eval_loader, torch.device("cpu"), show_progress=False
             )
             candidate_pred = candidate_probs >= np.asarray(thresholds)
             current_pred = predictions_for(
@@ -684,18 +673,27 @@ class OfflineData:
         return np.concatenate([self.train_targets, self.val_targets])
 
 
+def _not_relabelled(items: Sequence[Path], skip_keys: set[str]) -> list[tuple[int, bytes]]:
+    """(index, bytes) of the offline images that can be read and that no project annotation
+    labels now (matched by content: the latest annotation of an image overrides its offline
+    label)."""
+    kept = []
+    for i, path in enumerate(items):
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            logger.debug("Offline image %s unreadable: %s", path, exc)
+            continue
+        if content_key(data) not in skip_keys:
+            kept.append((i, data))
+    return kept
+
+
 def _without(
     items: Sequence[Path], targets: np.ndarray, skip_keys: set[str]
 ) -> tuple[list[Path], np.ndarray]:
     """Offline images less the unreadable ones and those a project annotation now labels."""
-    keep = []
-    for i, path in enumerate(items):
-        try:
-            if content_key(path.read_bytes()) in skip_keys:
-                continue
-        except OSError:
-            continue
-        keep.append(i)
+    keep = [i for i, _ in _not_relabelled(items, skip_keys)]
     return [items[i] for i in keep], targets[keep]
 
 
