@@ -202,3 +202,15 @@ def test_result_arrays_are_read_only() -> None:
     result = tune_thresholds(y_true, y_prob)
     with pytest.raises(ValueError):
         result.thresholds[0] = 0.1
+
+
+def test_classes_too_rare_to_tune_keep_their_own_fallback() -> None:
+    y_true = np.array([[1, 1], [1, 0], [0, 0], [1, 0]])
+    y_prob = np.array([[0.9, 0.8], [0.7, 0.1], [0.2, 0.3], [0.8, 0.2]])
+    result = tune_thresholds(y_true, y_prob, min_positives=2, fallback=[0.11, 0.42])
+    assert result.methods == ("pr_curve", "default")
+    assert result.thresholds[1] == pytest.approx(0.42)  # not the global default 0.5
+    empty = tune_thresholds(np.zeros((0, 2)), np.zeros((0, 2)), fallback=[0.3, 0.6])
+    assert empty.thresholds.tolist() == [0.3, 0.6]
+    with pytest.raises(ValueError, match="expected 2 fallback thresholds, got 3"):
+        tune_thresholds(y_true, y_prob, fallback=[0.1, 0.2, 0.3])

@@ -103,10 +103,13 @@ def tune_thresholds(
     max_threshold: float = 0.95,
     grid_size: int = 101,
     classes: Sequence[str] | None = None,
+    fallback: Sequence[float] | None = None,
 ) -> ThresholdResult:
     """Choose one threshold per class maximising F-beta on (validation) data.
 
-    `classes` names the columns in log messages (else they are called by index).
+    `classes` names the columns in log messages (else they are called by index). `fallback`
+    gives each class its own threshold for when it cannot be tuned (a parent model's), in
+    place of `default`.
 
     Per class:
       * fewer than ``min_positives`` positives -> ``default`` (method "default", score nan);
@@ -137,15 +140,21 @@ def tune_thresholds(
         grid_size=grid_size,
     )
     n_samples, n_classes = y_true.shape
+    if fallback is None:
+        untuned = np.full(n_classes, float(default))
+    else:
+        untuned = np.asarray(fallback, dtype=float).reshape(-1)
+        if untuned.shape != (n_classes,):
+            raise ValueError(f"expected {n_classes} fallback thresholds, got {untuned.shape[0]}")
     if n_samples == 0:
         if n_classes:
             logger.warning(
-                "No tuning samples: using the default threshold %.3f for all %d classes",
-                default,
+                "No tuning samples: every one of the %d classes keeps its %s threshold",
                 n_classes,
+                "fallback" if fallback is not None else f"default ({default:.3f})",
             )
         return ThresholdResult(
-            thresholds=np.full(n_classes, float(default)),
+            thresholds=untuned.copy(),
             methods=(METHOD_DEFAULT,) * n_classes,
             scores=np.full(n_classes, np.nan),
         )
@@ -159,7 +168,7 @@ def tune_thresholds(
             y_prob[:, c],
             name=classes[c] if classes is not None and c < len(classes) else f"index {c}",
             beta=beta,
-            default=default,
+            default=float(untuned[c]),
             min_positives=min_positives,
             min_threshold=min_threshold,
             max_threshold=max_threshold,
@@ -203,7 +212,7 @@ def _tune_one(
     n_pos = int(y_true.sum())
     if n_pos < min_positives:
         logger.warning(
-            "Class %s has %d positive(s) (< min_positives=%d): using the default threshold %.3f",
+            "Class %s has %d positive(s) (< min_positives=%d): keeping the threshold %.3f",
             name,
             n_pos,
             min_positives,

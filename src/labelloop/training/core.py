@@ -112,7 +112,7 @@ def tune(
 ) -> Thresholds:
     """Per-class thresholds on validation predictions.
 
-    A class with too few validation positives to tune gets `carried` (its threshold in the
+    A class with too few validation positives to tune keeps `carried` (its threshold in the
     parent model) when given, else the config's default; the log names those classes.
     """
     detail = tune_thresholds(
@@ -124,20 +124,9 @@ def tune(
         min_threshold=config.min_threshold,
         max_threshold=config.max_threshold,
         classes=classes,
+        fallback=carried,
     )
-    values = [float(t) for t in detail.thresholds]
-    untuned = [i for i, method in enumerate(detail.methods) if method == "default"]
-    if carried is not None:
-        for i in untuned:
-            values[i] = float(carried[i])
-    if untuned:
-        logger.info(
-            "Too few validation positives (< %d) to tune %s: %s",
-            config.min_positives,
-            ", ".join(classes[i] for i in untuned),
-            "kept the parent model's thresholds" if carried is not None else "using the default",
-        )
-    return Thresholds(values, detail)
+    return Thresholds([float(t) for t in detail.thresholds], detail)
 
 
 def carried_thresholds(space: LabelSpace, parent: ModelBundle, default: float) -> list[float]:
