@@ -345,7 +345,7 @@ def test_rollback_is_served_without_a_restart(setup, demo_dataset) -> None:
 
 
 def test_full_update_fine_tunes_everything_with_replay(setup, demo_dataset, monkeypatch) -> None:
-    _, holder, ledger, make = setup
+    model_dir, holder, ledger, make = setup
     old = holder.current.bundle
     ledger.upsert(records(demo_dataset, 40))
     fit_niceness: list[int] = []
@@ -364,9 +364,14 @@ def test_full_update_fine_tunes_everything_with_replay(setup, demo_dataset, monk
     trainer.start()
     try:
         done = wait_for_job(ledger, job.id, timeout_s=300)
+        # The promoted backbone gets a fast update of its own (head on all labels, OOF
+        # thresholds), queued by the full update itself.
+        follow_up = wait_for_job(ledger, job.id + 1)
     finally:
         trainer.stop()
     assert done.state == "succeeded", done.error
+    assert (follow_up.kind, follow_up.trigger) == ("fast", "after_full")
+    assert follow_up.state == "succeeded", follow_up.error
     # The offline training data (the demo CSV the fixture model was trained on) is replayed.
     # The offline training split (the demo CSV the fixture model was trained on) is replayed,
     # less the images the 40 annotations relabel; its test split only ever judges the gate.
@@ -374,11 +379,15 @@ def test_full_update_fine_tunes_everything_with_replay(setup, demo_dataset, monk
     assert 0 < done.metrics["n_replay"] <= offline_train
     assert done.metrics["n_train"] > done.metrics["n_replay"]
     assert done.metrics["gate"]["sources"]["offline_test"] > 0
-    new = holder.current.bundle
-    assert new.version == done.promoted_version
+    new = load_bundle(ModelStore(model_dir).version_dir(done.promoted_version))
     assert not torch.equal(new.model.conv1.weight, old.model.conv1.weight)  # backbone moved
     assert new.manifest.data == old.manifest.data  # replay source carried forward
     assert new.manifest.parent_version == old.version
+    served = holder.current.bundle
+    assert served.version == follow_up.promoted_version
+    assert served.manifest.parent_version == done.promoted_version
+    # The fast update kept the fine-tuned backbone and refit only the head.
+    assert torch.equal(served.model.conv1.weight, new.model.conv1.weight)
     if sys.platform.startswith("linux"):
         # Fine-tuning ran below request handling's CPU priority (responsiveness on few cores).
         assert fit_niceness == [min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)]

@@ -245,6 +245,11 @@ class Trainer:
         finished = self.ledger.update_job(
             job.id, finished_at=time.time(), trained_seq=seq, **outcome.job_fields()
         )
+        if job.kind == JobKind.FULL and outcome.state == JobState.SUCCEEDED:
+            # A new backbone's features deserve a head fitted on all labels with out-of-fold
+            # thresholds; the fine-tune's own head saw only its train split. In the loop
+            # benchmark every large gain came from the fast update after a full one.
+            self.request(job.project_id, [JobKind.FAST], "after_full")
         logger.info(
             "Job %d (%s, project %d) %s%s",
             job.id,
