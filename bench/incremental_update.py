@@ -26,8 +26,7 @@ from labelloop.labelstudio.urls import FetchSettings
 from labelloop.loop.ledger import Ledger
 from labelloop.loop.trainer import Trainer, TrainerSettings
 from labelloop.ml.embeddings import EmbeddingCache
-from labelloop.runtime.predictor import LoadedModel, ModelHolder
-from labelloop.store import ModelStore, load_bundle
+from labelloop.runtime.projects import ProjectModels
 
 PROJECT = 1
 
@@ -61,16 +60,17 @@ def records(data_dir: Path, n: int) -> list[AnnotationRecord]:
     ]
 
 
-def time_update(trainer: Trainer, ledger: Ledger, holder: ModelHolder) -> tuple[float, str]:
-    before = holder.current.version
+def time_update(trainer: Trainer, ledger: Ledger, models: ProjectModels) -> tuple[float, str]:
+    before = models.serving(PROJECT).version
     started = time.perf_counter()
     [job] = trainer.request(PROJECT, ["fast"], "start_training")
     while (state := ledger.job(job.id).state) in ("queued", "running"):
         time.sleep(0.01)
     elapsed = time.perf_counter() - started
-    if state != "succeeded" or holder.current.version == before:
+    served = models.serving(PROJECT).version
+    if state != "succeeded" or served == before:
         raise RuntimeError(f"job ended {state}: {ledger.job(job.id).error}")
-    return elapsed, holder.current.version
+    return elapsed, served
 
 
 def main() -> None:
@@ -87,7 +87,7 @@ def main() -> None:
         for n in args.sizes:
             model_dir = root / f"model-{n}"
             publish_random_model(model_dir, args.input_px)
-            holder = ModelHolder(LoadedModel.from_bundle(load_bundle(model_dir)))
+            models = ProjectModels(model_dir)
             ledger = Ledger(model_dir / "ledger.sqlite3")
             ledger.set_label_config(PROJECT, config_xml())
             ledger.upsert(records(data.root, n))
@@ -95,9 +95,8 @@ def main() -> None:
                 FetchSettings("http://127.0.0.1:1", document_root=data.root), None
             )
             trainer = Trainer(
-                store=ModelStore(model_dir),
+                models=models,
                 ledger=ledger,
-                holder=holder,
                 fetcher=lambda f=fetcher: f,
                 embeddings=EmbeddingCache(model_dir / "emb.sqlite3"),
                 settings=TrainerSettings(
@@ -106,9 +105,9 @@ def main() -> None:
             )
             trainer.start()
             try:
-                cold, _ = time_update(trainer, ledger, holder)
+                cold, _ = time_update(trainer, ledger, models)
                 ledger.upsert(records(data.root, n + 1)[-1:])  # the (N+1)-th annotation
-                warm, _ = time_update(trainer, ledger, holder)
+                warm, _ = time_update(trainer, ledger, models)
             finally:
                 trainer.stop()
                 fetcher.close()

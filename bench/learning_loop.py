@@ -39,7 +39,7 @@ from labelloop.loop.updates import TrainerSettings
 from labelloop.ml.embeddings import EmbeddingCache, embed_images
 from labelloop.ml.head import head_of, predict_features
 from labelloop.realdata import build_realdata, fashion_mnist_dir, load_fashion_mnist
-from labelloop.runtime.predictor import ModelHolder
+from labelloop.runtime.projects import ProjectModels
 from labelloop.store import ModelStore, load_bundle
 from labelloop.training.offline import DataSource, TrainOptions, run_training
 
@@ -136,14 +136,10 @@ def main() -> None:
             )
         else:
             model_dir.mkdir()
-        store = ModelStore(model_dir)
         ledger = Ledger(model_dir / "ledger.sqlite3")
         ledger.set_label_config(PROJECT, label_config(groups))
-        holder = (
-            ModelHolder.from_path(model_dir, runtime="torch")
-            if store.current_version()
-            else ModelHolder(None, runtime="torch")
-        )
+        models = ProjectModels(model_dir, runtime="torch")
+        base_store, store = ModelStore(model_dir), models.store(PROJECT)
         cache = EmbeddingCache(root / "embeddings.sqlite3")
         fetcher = ImageFetcher(
             FetchSettings(label_studio_url="http://127.0.0.1:1", document_root=data.train.root),
@@ -156,9 +152,8 @@ def main() -> None:
             keep_rejected=10_000,
         )
         trainer = Trainer(
-            store=store,
+            models=models,
             ledger=ledger,
-            holder=holder,
             fetcher=lambda: fetcher,
             embeddings=cache,
             settings=settings,
@@ -169,7 +164,8 @@ def main() -> None:
 
         def score(version: str) -> float:
             if version not in f1_of:
-                f1_of[version] = test_f1(store, version, test_pairs, y_test, cache)
+                lineage = store if version in store.versions() else base_store
+                f1_of[version] = test_f1(lineage, version, test_pairs, y_test, cache)
             return f1_of[version]
 
         started_all = time.perf_counter()
@@ -192,7 +188,8 @@ def main() -> None:
                 ]
             )
             t0 = time.perf_counter()
-            before = holder.current.version if holder.current else None
+            served_model = models.serving(PROJECT)
+            before = served_model.version if served_model else None
             trainer.queue_due_jobs()
             kinds = []
             for job in ledger.pending_jobs():
@@ -206,8 +203,9 @@ def main() -> None:
                     )
                     if done.state == "succeeded":
                         before = done.promoted_version
-            served = holder.current.version if holder.current else "untrained"
-            f1 = score(served) if holder.current else 0.0
+            served_model = models.serving(PROJECT)
+            served = served_model.version if served_model else "untrained"
+            f1 = score(served) if served_model else 0.0
             steps.append(Step(start + len(batch), served, f1, kinds, time.perf_counter() - t0))
             print(
                 f"{start + len(batch):>4} labels  served {served:<24} test macro-F1 {f1:.3f}  "

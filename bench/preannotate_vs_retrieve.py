@@ -32,8 +32,9 @@ from labelloop.dev.launcher import (
 )
 from labelloop.labelstudio.client import LabelStudioClient
 from labelloop.loop.preannotate import PreannotateSummary, preannotate
-from labelloop.runtime.predictor import ModelHolder, Predictor
+from labelloop.runtime.predictor import LoadedModel, Predictor
 from labelloop.serve.app import FetcherRegistry
+from labelloop.store import load_bundle
 
 READS = {"disk": "from disk", "http": "downloaded"}
 
@@ -120,14 +121,14 @@ def compare(
 
     settings = colocated_settings(model_dir, ls, uploads_from_disk=from_disk)
     fetchers = FetcherRegistry(settings)
-    holder = ModelHolder.from_path(model_dir, runtime=settings.runtime)
-    predictor = Predictor(holder, batch_size=settings.batch_size, workers=settings.fetch_workers)
+    model = LoadedModel.from_bundle(load_bundle(model_dir), runtime=settings.runtime)
+    predictor = Predictor(batch_size=settings.batch_size, workers=settings.fetch_workers)
     try:
-        summary = preannotate(client, projects[1], predictor, fetchers.current())
+        summary = preannotate(client, projects[1], predictor, fetchers.current(), model=model)
     finally:
         predictor.close()
         fetchers.close()
-    runtime = holder.current.runner.name if holder.current else "?"
+    runtime = model.runner.name
     return Row(backbone, reads, retrieve_s, stored, summary, runtime)
 
 

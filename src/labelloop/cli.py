@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -19,6 +19,9 @@ import typer
 # Commands import what they need when they run.
 from labelloop.config import LoadMode, TrainConfig, load_config
 from labelloop.errors import CheckpointError, ConfigError, DataError, StoreError
+
+if TYPE_CHECKING:
+    from labelloop.store import ModelStore
 
 logger = logging.getLogger("labelloop")
 
@@ -110,6 +113,10 @@ ExportOpt = Annotated[
 ModelDirOpt = Annotated[
     Path,
     typer.Option("--model-dir", envvar="MODEL_DIR", help="Where versions are kept (MODEL_DIR)."),
+]
+ProjectOpt = Annotated[
+    int | None,
+    typer.Option("--project", min=1, help="A Label Studio project id: its own lineage."),
 ]
 ImageColumnOpt = Annotated[
     str | None,
@@ -331,20 +338,75 @@ def predict(
         typer.echo(frame.to_csv(index=False), nl=False)
 
 
-@app.command()
-@_user_errors
-def versions(model_dir: ModelDirOpt) -> None:
-    """List the versions in MODEL_DIR with their test metrics; * marks the current one."""
+def _lineages(model_dir: Path) -> None:
+    """Move a folder from before per-project lineages into the new layout (idempotent)."""
+    from labelloop.lineages import migrate_layout
+    from labelloop.loop.ledger import Ledger
+
+    known: list[int] = []
+    ledger_path = model_dir / "ledger.sqlite3"
+    if ledger_path.is_file():
+        ledger = Ledger(ledger_path)
+        try:
+            known = ledger.projects()
+        finally:
+            ledger.close()
+    migrate_layout(model_dir, sole_project=known[0] if len(known) == 1 else None)
+
+
+def _store_of(model_dir: Path, project: int | None) -> ModelStore:
+    from labelloop.lineages import project_store
     from labelloop.store import ModelStore
 
-    store = ModelStore(model_dir)
+    return ModelStore(model_dir) if project is None else project_store(model_dir, project)
+
+
+@app.command()
+@_user_errors
+def versions(model_dir: ModelDirOpt, project: ProjectOpt = None) -> None:
+    """List a lineage's versions with their metrics; * marks the current one.
+
+    Without --project: the base model's versions (what `labelloop train` publishes), then
+    every project with a lineage of its own and its current version."""
+    from labelloop.lineages import project_store, projects_with_lineage
+
+    _lineages(model_dir)
+    store = _store_of(model_dir, project)
     current = store.current_version()
-    for name in store.versions():
-        test = store.manifest(name).metrics.get("test", {})
-        mark = "*" if name == current else " "
+    names = store.versions()
+    if project is not None and not names:
+        base = _store_of(model_dir, None).current_version()
         typer.echo(
-            f"{mark} {name}  macro-F1 {_fmt(test.get('f1_macro'))}  mAP {_fmt(test.get('mAP'))}"
+            f"project {project} has no version of its own yet; it is served the base model "
+            f"({base or 'none'}) when its label config shares classes with it"
         )
+        return
+    for name in names:
+        manifest = store.manifest(name)
+        metrics = manifest.metrics
+        test = metrics.get("test", {})
+        mark = "*" if name == current else " "
+        line = f"{mark} {name}  macro-F1 {_fmt(test.get('f1_macro'))}  mAP {_fmt(test.get('mAP'))}"
+        if "candidate_f1" in metrics:
+            gate = (metrics.get("incremental") or {}).get("gate") or {}
+            verdict = "promoted" if gate.get("promote") else "rejected"
+            line = (
+                f"{mark} {name}  held-out macro-F1 {_fmt(metrics['candidate_f1'])} "
+                f"(parent {_fmt(metrics.get('current_f1'))}) {verdict}"
+            )
+        if manifest.weights_pruned:
+            line += " (weights pruned)"
+        typer.echo(line)
+    if project is None:
+        lineages = projects_with_lineage(model_dir)
+        if lineages:
+            typer.echo("projects:")
+        for project_id in lineages:
+            lineage = project_store(model_dir, project_id)
+            typer.echo(
+                f"  {project_id}: {lineage.current_version() or 'none'} "
+                f"({len(lineage.versions())} versions)"
+            )
 
 
 @app.command()
@@ -352,12 +414,16 @@ def versions(model_dir: ModelDirOpt) -> None:
 def rollback(
     version: Annotated[str, typer.Argument(help="A version listed by `labelloop versions`.")],
     model_dir: ModelDirOpt,
+    project: ProjectOpt = None,
 ) -> None:
-    """Make VERSION the current model again."""
-    from labelloop.store import ModelStore
+    """Make VERSION the current model again: of the project's lineage, or of the base model.
 
-    ModelStore(model_dir).set_current(version)
-    typer.echo(f"current -> {version}")
+    A running backend serves it from its next request on, and refreshes the project's
+    predictions and ML-backend entry name."""
+    _lineages(model_dir)
+    _store_of(model_dir, project).set_current(version)
+    where = f"project {project}" if project is not None else "base model"
+    typer.echo(f"{where}: current -> {version}")
 
 
 @app.command()
@@ -493,7 +559,7 @@ def serve(
 @app.command()
 @_user_errors
 def preannotate(
-    project: Annotated[int, typer.Option("--project", help="Label Studio project id.")],
+    project: Annotated[int, typer.Option("--project", min=1, help="Label Studio project id.")],
     model_dir: ModelDirOpt,
     all_tasks: Annotated[
         bool,
@@ -522,20 +588,25 @@ def preannotate(
     from tqdm.auto import tqdm
 
     from labelloop.labelstudio.client import LabelStudioClient
+    from labelloop.labelstudio.label_config import LabelConfigError
     from labelloop.loop.preannotate import preannotate as run_preannotate
-    from labelloop.runtime.predictor import ModelHolder, Predictor
+    from labelloop.runtime.predictor import Predictor
+    from labelloop.runtime.projects import ProjectModels
     from labelloop.serve.app import FetcherRegistry
     from labelloop.serve.settings import settings_from
 
     settings = settings_from({"model_dir": model_dir})
     if not settings.label_studio_url or not settings.label_studio_api_key:
         raise ConfigError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to pre-annotate a project")
+    _lineages(model_dir)
+    model = ProjectModels(model_dir, runtime=settings.runtime, max_loaded=1).serving(project)
+    if model is None:
+        raise StoreError(
+            f"no model serves project {project}: neither {model_dir} nor the project's lineage "
+            f"has a current version; train one with `labelloop train --model-dir {model_dir}`"
+        )
     fetchers = FetcherRegistry(settings)
-    predictor = Predictor(
-        ModelHolder.from_path(model_dir, runtime=settings.runtime),
-        batch_size=settings.batch_size,
-        workers=settings.fetch_workers,
-    )
+    predictor = Predictor(batch_size=settings.batch_size, workers=settings.fetch_workers)
     bar = tqdm(total=0, unit="task", desc="pre-annotate")
 
     def progress(done: int, total: int) -> None:
@@ -551,11 +622,16 @@ def preannotate(
                 project,
                 predictor,
                 fetchers.current(),
+                model=model,
                 missing_only=not all_tasks,
                 batch_size=batch_size,
                 limit=limit,
                 progress=progress,
             )
+    except LabelConfigError as exc:
+        raise ConfigError(
+            f"project {project}'s label config does not fit {model.version}: {exc}"
+        ) from None
     finally:
         bar.close()
         predictor.close()
@@ -570,35 +646,42 @@ def preannotate(
 
 @app.command()
 @_user_errors
-def status(model_dir: ModelDirOpt) -> None:
-    """The current version, recent training jobs and the annotation ledger of MODEL_DIR."""
+def status(model_dir: ModelDirOpt, project: ProjectOpt = None) -> None:
+    """Current versions, recent training jobs and the annotation ledger, per project."""
+    from labelloop.lineages import project_store
     from labelloop.loop.ledger import Ledger
-    from labelloop.store import ModelStore
 
-    typer.echo(f"current version: {ModelStore(model_dir).current_version() or 'none'}")
+    _lineages(model_dir)
+    base = _store_of(model_dir, None).current_version()
+    typer.echo(f"base model: {base or 'none'}")
     ledger_path = model_dir / "ledger.sqlite3"
     if not ledger_path.is_file():
         typer.echo("no annotations recorded yet (the backend has not received any)")
         return
     ledger = Ledger(ledger_path)
     try:
-        typer.echo(f"ledger: {json.dumps(ledger.stats())}")
-        jobs = ledger.jobs(limit=10)
-        typer.echo("jobs (newest first):" if jobs else "no training jobs yet")
-        for job in jobs:
-            metrics = job.metrics or {}
-            scores = ""
-            if "candidate_f1" in metrics:
-                scores = (
-                    f" held-out macro-F1 {metrics['candidate_f1']:.3f}"
-                    f" (was {metrics.get('current_f1', 0.0):.3f})"
+        projects = [project] if project is not None else ledger.projects()
+        for project_id in projects:
+            own = project_store(model_dir, project_id).current_version()
+            served = own or (f"the base model ({base})" if base else "nothing yet")
+            typer.echo(f"project {project_id}: serves {served}")
+            typer.echo(f"  ledger: {json.dumps(ledger.stats(project_id))}")
+            jobs = ledger.jobs(project_id=project_id, limit=10)
+            typer.echo("  jobs (newest first):" if jobs else "  no training jobs yet")
+            for job in jobs:
+                metrics = job.metrics or {}
+                scores = ""
+                if "candidate_f1" in metrics:
+                    scores = (
+                        f" held-out macro-F1 {metrics['candidate_f1']:.3f}"
+                        f" (was {metrics.get('current_f1', 0.0):.3f})"
+                    )
+                detail = job.error or job.progress or ""
+                version = job.promoted_version or job.candidate_version or ""
+                typer.echo(
+                    f"    #{job.id} {job.kind:<4} {job.state:<9} ({job.trigger}) "
+                    f"{version}{scores} {detail}".rstrip()
                 )
-            detail = job.error or job.progress or ""
-            version = job.promoted_version or job.candidate_version or ""
-            typer.echo(
-                f"  #{job.id} {job.kind:<4} {job.state:<9} project {job.project_id} "
-                f"({job.trigger}) {version}{scores} {detail}".rstrip()
-            )
     finally:
         ledger.close()
 

@@ -23,7 +23,8 @@ from servers import BackendProcess
 from labelloop.labelstudio.fetcher import ImageFetcher
 from labelloop.labelstudio.protocol import Task
 from labelloop.labelstudio.urls import FetchSettings
-from labelloop.runtime.predictor import LoadedModel, ModelHolder, Predictor
+from labelloop.lineages import project_store
+from labelloop.runtime.predictor import LoadedModel, Predictor
 from labelloop.store import ModelStore, load_bundle
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -256,9 +257,9 @@ def test_fifty_clients_during_training_and_hot_swaps(
     assert promoted.is_set(), f"no promotion under load; jobs: {jobs}"
     assert any(j["state"] == "succeeded" for j in jobs)
     # Answers came from both sides of the swap, and only from versions that were published.
-    store = ModelStore(model_dir)
+    base, lineage = ModelStore(model_dir), project_store(model_dir, PROJECT)
     assert first_version in versions_seen and len(versions_seen) >= 2
-    assert set(versions_seen) <= set(store.versions())
+    assert set(versions_seen) <= {*base.versions(), *lineage.versions()}
     assert growth_mb < RSS_GROWTH_LIMIT_MB
 
     # Each answer is exactly what its version predicts: no weights of one with thresholds of
@@ -269,10 +270,11 @@ def test_fifty_clients_during_training_and_hot_swaps(
     )
     try:
         for version in versions_seen:
-            holder = ModelHolder(LoadedModel.from_bundle(load_bundle(store.version_dir(version))))
-            predictor = Predictor(holder, batch_size=8, workers=2)
+            store = lineage if version in lineage.versions() else base
+            model = LoadedModel.from_bundle(load_bundle(store.version_dir(version)))
+            predictor = Predictor(batch_size=8, workers=2)
             tasks = [Task(id=i + 1, data={"image": image_ref(n)}) for i, n in enumerate(probe)]
-            expected_list, _ = predictor.predict(tasks, config, fetcher)
+            expected_list, _ = predictor.predict(tasks, config, fetcher, model=model)
             predictor.close()
             assert all(expected_list), expected_list
             expected = {t.data["image"]: p for t, p in zip(tasks, expected_list, strict=True)}

@@ -14,10 +14,9 @@ from fastapi import FastAPI, Header, HTTPException
 from fastapi.responses import FileResponse
 from servers import serve_in_thread
 
-from labelloop.runtime.predictor import LoadedModel, ModelHolder
+from labelloop.runtime.projects import ProjectModels
 from labelloop.serve.app import create_app
 from labelloop.serve.settings import settings_from
-from labelloop.store import load_bundle
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "label-studio-1.23.2"
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
@@ -55,12 +54,12 @@ def image_host(demo_dataset):
 
 
 @pytest.fixture(scope="module")
-def holder(trained_model) -> ModelHolder:
+def models(trained_model) -> ProjectModels:
     model_dir, _ = trained_model
-    return ModelHolder(LoadedModel.from_bundle(load_bundle(model_dir)))
+    return ProjectModels(model_dir)
 
 
-def make_client(trained_model, holder, image_host, **env: str) -> httpx.Client:
+def make_client(trained_model, models, image_host, **env: str) -> httpx.Client:
     model_dir, _ = trained_model
     settings = settings_from(
         {"model_dir": model_dir},
@@ -68,12 +67,12 @@ def make_client(trained_model, holder, image_host, **env: str) -> httpx.Client:
     )
     from fastapi.testclient import TestClient
 
-    return TestClient(create_app(settings, holder), raise_server_exceptions=False)
+    return TestClient(create_app(settings, models), raise_server_exceptions=False)
 
 
 @pytest.fixture(scope="module")
-def client(trained_model, holder, image_host):
-    with make_client(trained_model, holder, image_host) as c:
+def client(trained_model, models, image_host):
+    with make_client(trained_model, models, image_host) as c:
         yield c
 
 
@@ -94,15 +93,35 @@ def test_health_and_setup_from_fixture(client, trained_model) -> None:
     assert any("washer" in w for w in body["warnings"])
 
 
-def test_setup_with_an_unusable_config_is_a_clear_422(client) -> None:
+def test_setup_with_an_unusable_config_is_a_clear_422(client, caplog) -> None:
     payload = dict(
         fixture("setup.json"),
-        schema='<View><Image name="i" value="$i"/>'
-        '<Choices name="c" toName="i"><Choice value="cat"/></Choices></View>',
+        schema='<View><Image name="i" value="$i"/><Text name="t" value="$t"/></View>',
     )
-    response = client.post("/setup", json=payload)
+    with caplog.at_level(logging.WARNING, logger="labelloop.serve.app"):
+        response = client.post("/setup", json=payload)
     assert response.status_code == 422
-    assert "cat" in response.json()["detail"]
+    assert "Choices" in response.json()["detail"]
+    # Said where the operator looks too, not only in Label Studio's dialog.
+    assert any("refused" in r.getMessage() for r in caplog.records)
+
+
+def test_a_project_sharing_no_class_with_the_base_model_starts_cold(client) -> None:
+    config = (
+        '<View><Image name="i" value="$i"/>'
+        '<Choices name="animal" toName="i"><Choice value="cat"/></Choices></View>'
+    )
+    reply = client.post("/setup", json=dict(fixture("setup.json"), project="7.1", schema=config))
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["model_version"] == "untrained"
+    assert any("starts cold" in w for w in reply.json()["warnings"])
+    # No prediction until its own first version, rather than an error at every task.
+    tasks = [{"id": 1, "data": {"i": "/data/upload/1/x.png"}}]
+    predicted = client.post(
+        "/predict", json={"tasks": tasks, "label_config": config, "project": "7.1"}
+    )
+    assert predicted.status_code == 200
+    assert predicted.json()["results"] == [[]]
 
 
 def test_predict_returns_one_valid_prediction_per_task(client, demo_dataset, trained_model) -> None:
@@ -146,9 +165,9 @@ def test_a_broken_image_fails_alone(client, demo_dataset, caplog: pytest.LogCapt
 
 
 def test_wrong_token_gives_empty_predictions_not_errors(
-    trained_model, holder, image_host, demo_dataset
+    trained_model, models, image_host, demo_dataset
 ) -> None:
-    with make_client(trained_model, holder, image_host, LABEL_STUDIO_API_KEY="f" * 40) as c:
+    with make_client(trained_model, models, image_host, LABEL_STUDIO_API_KEY="f" * 40) as c:
         name = next(demo_dataset.images_dir.glob("*.png")).name
         response = c.post("/predict", json={"tasks": tasks_for([name]), "label_config": CONFIG})
     assert response.status_code == 200
@@ -204,9 +223,9 @@ def test_versions_and_metrics(client, trained_model) -> None:
     assert metrics["requests"]["versions"] >= 1
 
 
-def test_basic_auth_on_every_route(trained_model, holder, image_host) -> None:
+def test_basic_auth_on_every_route(trained_model, models, image_host) -> None:
     with make_client(
-        trained_model, holder, image_host, BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="s3cret"
+        trained_model, models, image_host, BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="s3cret"
     ) as c:
         for method, path in [
             ("get", "/health"),
@@ -256,14 +275,14 @@ def test_runtime_from_the_environment_and_its_errors(trained_model, tmp_path) ->
     app = build_app(settings.model_copy(update={"model_dir": model_dir}))
     with TestClient(app) as client:
         assert client.get("/health").json()["model_loaded"]
-        assert app.state.holder.current.runner.name == "torch"
+        assert app.state.models.base().runner.name == "torch"
 
 
-def test_oversized_request_body_is_refused_before_it_is_buffered(trained_model, holder) -> None:
+def test_oversized_request_body_is_refused_before_it_is_buffered(trained_model, models) -> None:
     from fastapi.testclient import TestClient
 
     settings = settings_from({"model_dir": trained_model[0]}, {"LABELLOOP_MAX_REQUEST_MB": "1"})
-    with TestClient(create_app(settings, holder), raise_server_exceptions=False) as client:
+    with TestClient(create_app(settings, models), raise_server_exceptions=False) as client:
         huge = {"tasks": [{"id": i, "data": {"image": "x" * 1000}} for i in range(2000)]}
         reply = client.post("/predict", json=huge)
         assert reply.status_code == 413

@@ -25,7 +25,7 @@ from labelloop.loop.trainer import Trainer, TrainerSettings, split_of
 from labelloop.ml.embeddings import EmbeddingCache
 from labelloop.ml.head import head_of
 from labelloop.ml.transforms import resize_size, train_decode_side
-from labelloop.runtime.predictor import LoadedModel, ModelHolder
+from labelloop.runtime.projects import ProjectModels
 from labelloop.store import ModelStore, StoreError, load_bundle
 from labelloop.training import core as training_core
 
@@ -81,7 +81,7 @@ def setup(trained_model, demo_dataset, tmp_path: Path):
     """A copy of the trained model dir, a ledger, and a trainer reading the demo images."""
     model_dir = tmp_path / "model"
     shutil.copytree(trained_model[0], model_dir)
-    holder = ModelHolder(LoadedModel.from_bundle(load_bundle(model_dir)))
+    models = ProjectModels(model_dir)
     ledger = Ledger(model_dir / "ledger.sqlite3")
     ledger.set_label_config(PROJECT, config_xml())
     fetcher = ImageFetcher(
@@ -94,15 +94,14 @@ def setup(trained_model, demo_dataset, tmp_path: Path):
         # Full updates are scheduled only where a test asks for them (they take minutes).
         settings.setdefault("auto_full", False)
         return Trainer(
-            store=ModelStore(model_dir),
             ledger=ledger,
-            holder=holder,
+            models=models,
             fetcher=lambda: fetcher,
             embeddings=cache,
             settings=TrainerSettings(poll_seconds=0.05, **settings),
         )
 
-    yield model_dir, holder, ledger, make
+    yield model_dir, models, ledger, make
     fetcher.close()
     cache.close()
     ledger.close()
@@ -136,8 +135,8 @@ def test_requests_coalesce(setup) -> None:
 
 
 def test_auto_training_after_n_changes_then_a_fast_update_promotes(setup, demo_dataset) -> None:
-    model_dir, holder, ledger, make = setup
-    before = holder.current.version
+    model_dir, models, ledger, make = setup
+    before = models.serving(PROJECT).version
     # tolerance 1.0: the gate promotes whatever comes out; this test is about the trigger.
     trainer = make(auto_train_after=40, quiet_seconds=3600, tolerance=1.0)
     ledger.upsert(records(demo_dataset, 39))
@@ -161,10 +160,14 @@ def test_auto_training_after_n_changes_then_a_fast_update_promotes(setup, demo_d
     assert done.metrics["n_train"] + done.metrics["gate"]["sources"]["annotated"] == 80
     # The offline images no annotation relabels: replayed (train, val) or evaluated on (test).
     assert done.metrics["n_replay"] + done.metrics["gate"]["sources"]["offline_test"] == 120 - 80
-    store = ModelStore(model_dir)
-    assert done.candidate_version.startswith("v2-")
-    assert holder.current.version == done.candidate_version == store.current_version()
+    store = models.store(PROJECT)
+    # The project's first version starts its own lineage; the base model is left as it was.
+    assert done.candidate_version.startswith("v1-")
+    assert models.serving(PROJECT).version == done.candidate_version == store.current_version()
     assert store.manifest(done.candidate_version).parent_version == before
+    assert ModelStore(model_dir).current_version() == before
+    lineage = store.manifest(done.candidate_version).training_config["incremental"]
+    assert lineage["parent_lineage"] == "base" and lineage["project"] == PROJECT
 
 
 def test_quiet_period_triggers_training(setup, demo_dataset) -> None:
@@ -185,8 +188,8 @@ def test_quiet_period_triggers_training(setup, demo_dataset) -> None:
 
 
 def test_new_choice_extends_the_head_and_keeps_old_weights(setup, demo_dataset) -> None:
-    model_dir, holder, ledger, make = setup
-    old = holder.current.bundle
+    model_dir, models, ledger, make = setup
+    old = models.serving(PROJECT).bundle
     ledger.set_label_config(PROJECT, config_xml(extra_defect="corrosion"))
 
     def add_corrosion(labels):
@@ -202,7 +205,7 @@ def test_new_choice_extends_the_head_and_keeps_old_weights(setup, demo_dataset) 
     finally:
         trainer.stop()
     assert done.state == "succeeded", done.error
-    new = holder.current.bundle
+    new = models.serving(PROJECT).bundle
     assert new.label_space.as_dict()["defects"] == ["scratch", "crack", "rust", "dent", "corrosion"]
     assert new.classes[: len(old.classes)] == old.classes
     # The backbone is untouched by a fast update.
@@ -215,14 +218,13 @@ def test_cold_start_waits_for_labels_then_trains(tmp_path: Path, demo_dataset) -
     model_dir.mkdir()
     ledger = Ledger(model_dir / "ledger.sqlite3")
     ledger.set_label_config(PROJECT, config_xml())
-    holder = ModelHolder(None)
+    models = ProjectModels(model_dir)
     fetcher = ImageFetcher(
         FetchSettings(label_studio_url="http://127.0.0.1:1", document_root=demo_dataset.root), None
     )
     trainer = Trainer(
-        store=ModelStore(model_dir),
         ledger=ledger,
-        holder=holder,
+        models=models,
         fetcher=lambda: fetcher,
         embeddings=EmbeddingCache(tmp_path / "e.sqlite3"),
         settings=TrainerSettings(
@@ -240,7 +242,7 @@ def test_cold_start_waits_for_labels_then_trains(tmp_path: Path, demo_dataset) -
     try:
         skipped = wait_for_job(ledger, job.id)
         assert skipped.state == "skipped" and "defects: 0/3" in skipped.error
-        assert holder.current is None  # empty predictions, not random ones
+        assert models.serving(PROJECT) is None  # empty predictions, not random ones
         ledger.upsert(records(demo_dataset, 40, start=1))
         [job] = trainer.request(PROJECT, ["fast"], "start_training")
         done = wait_for_job(ledger, job.id)
@@ -248,13 +250,13 @@ def test_cold_start_waits_for_labels_then_trains(tmp_path: Path, demo_dataset) -
         trainer.stop()
         fetcher.close()
     assert done.state == "succeeded", done.error
-    assert holder.current is not None
-    assert holder.current.bundle.label_space.group_names == ["components", "defects"]
+    assert models.serving(PROJECT) is not None
+    assert models.serving(PROJECT).bundle.label_space.group_names == ["components", "defects"]
 
 
 def test_a_failing_job_is_recorded_and_the_model_keeps_serving(setup, demo_dataset) -> None:
-    _, holder, ledger, make = setup
-    before = holder.current.version
+    _, models, ledger, make = setup
+    before = models.serving(PROJECT).version
     broken = [
         AnnotationRecord(
             PROJECT,
@@ -278,7 +280,7 @@ def test_a_failing_job_is_recorded_and_the_model_keeps_serving(setup, demo_datas
     finally:
         trainer.stop()
     assert done.state in ("skipped", "failed")
-    assert holder.current.version == before
+    assert models.serving(PROJECT).version == before
 
 
 def test_interrupted_jobs_are_failed_and_requeued_on_start(setup) -> None:
@@ -323,30 +325,41 @@ def test_a_second_update_reuses_cached_embeddings(setup, demo_dataset, monkeypat
     assert sum(embedded) == 120
 
 
-def test_rollback_is_served_without_a_restart(setup, demo_dataset) -> None:
-    model_dir, holder, ledger, make = setup
-    first = holder.current.version
+def test_rollback_is_served_without_a_restart_and_refreshes_the_project(
+    setup, demo_dataset
+) -> None:
+    model_dir, models, ledger, make = setup
     ledger.upsert(records(demo_dataset, 40))
+    changes: list[tuple[int, str]] = []
     trainer = make(tolerance=1.0)
+    trainer.on_promote = lambda project, version: changes.append((project, version))
     trainer.start()
     try:
         [job] = trainer.request(PROJECT, ["fast"], "start_training")
-        assert wait_for_job(ledger, job.id).state == "succeeded"
-        assert holder.current.version != first
-        ModelStore(model_dir).set_current(first)  # what `labelloop rollback` does
+        first = wait_for_job(ledger, job.id).promoted_version
+        ledger.upsert(records(demo_dataset, 10, start=40))
+        [job] = trainer.request(PROJECT, ["fast"], "start_training")
+        second = wait_for_job(ledger, job.id).promoted_version
+        assert first and second and models.serving(PROJECT).version == second
+        models.store(PROJECT).set_current(first)  # what `labelloop rollback --project` does
+        # Served from the next request on: the pointer is read at every lookup.
+        assert models.serving(PROJECT).version == first
+        # The trainer notices the change it did not make and refreshes that project.
         wait_until(
-            lambda: holder.current.version == first,
+            lambda: changes[-1] == (PROJECT, first),
             timeout_s=10,
-            what="the trainer to serve the rolled-back version",
+            what="the rollback to be refreshed",
             interval_s=0.05,
         )
     finally:
         trainer.stop()
+    assert changes == [(PROJECT, first), (PROJECT, second), (PROJECT, first)]
+    assert ModelStore(model_dir).current_version() not in (first, second)
 
 
 def test_full_update_fine_tunes_everything_with_replay(setup, demo_dataset, monkeypatch) -> None:
-    model_dir, holder, ledger, make = setup
-    old = holder.current.bundle
+    model_dir, models, ledger, make = setup
+    old = models.serving(PROJECT).bundle
     ledger.upsert(records(demo_dataset, 40))
     fit_niceness: list[int] = []
     real_fit = training_core.fit
@@ -379,11 +392,11 @@ def test_full_update_fine_tunes_everything_with_replay(setup, demo_dataset, monk
     assert 0 < done.metrics["n_replay"] <= offline_train
     assert done.metrics["n_train"] > done.metrics["n_replay"]
     assert done.metrics["gate"]["sources"]["offline_test"] > 0
-    new = load_bundle(ModelStore(model_dir).version_dir(done.promoted_version))
+    new = load_bundle(models.store(PROJECT).version_dir(done.promoted_version))
     assert not torch.equal(new.model.conv1.weight, old.model.conv1.weight)  # backbone moved
     assert new.manifest.data == old.manifest.data  # replay source carried forward
     assert new.manifest.parent_version == old.version
-    served = holder.current.bundle
+    served = models.serving(PROJECT).bundle
     assert served.version == follow_up.promoted_version
     assert served.manifest.parent_version == done.promoted_version
     # The fast update kept the fine-tuned backbone and refit only the head.
@@ -431,9 +444,9 @@ def test_start_training_queues_fast_then_full(setup) -> None:
 
 
 def test_a_rejected_candidate_is_kept_with_its_reason_and_later_pruned(setup) -> None:
-    model_dir, holder, ledger, make = setup
+    model_dir, models, ledger, make = setup
     trainer = make(keep_rejected=1)
-    current = holder.current
+    current = models.serving(PROJECT)
     job = ledger.create_job(PROJECT, "fast", "auto")
     bundle = current.bundle
 
@@ -446,9 +459,9 @@ def test_a_rejected_candidate_is_kept_with_its_reason_and_later_pruned(setup) ->
     first = finish(no)
     assert first.state == "rejected"
     assert first.progress == "rejected: worse on 40 held-out items"
-    assert holder.current is current  # still serving the same model object
-    store = ModelStore(model_dir)
-    assert store.current_version() == current.version
+    assert models.serving(PROJECT) is current  # still serving the same model object
+    store = models.store(PROJECT)
+    assert store.current_version() is None  # the project is still served the base model
     assert first.candidate_version in store.versions()  # kept for inspection
     recorded = store.manifest(first.candidate_version).metrics["incremental"]
     assert recorded["gate"]["reason"] == "worse on 40 held-out items"
@@ -463,7 +476,7 @@ def test_a_rejected_candidate_is_kept_with_its_reason_and_later_pruned(setup) ->
         store.set_current(first.candidate_version)
     yes = finish({"promote": True, "reason": "first model of the project"})
     assert yes.state == "succeeded"
-    assert holder.current.version == yes.promoted_version == store.current_version()
+    assert models.serving(PROJECT).version == yes.promoted_version == store.current_version()
 
 
 def test_full_updates_are_queued_without_a_button_as_the_labels_grow(setup, demo_dataset) -> None:

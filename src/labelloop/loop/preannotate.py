@@ -21,7 +21,7 @@ from typing import Any
 from labelloop.labelstudio.client import LabelStudioClient
 from labelloop.labelstudio.fetcher import ImageFetcher
 from labelloop.labelstudio.protocol import Task, TaskPrediction
-from labelloop.runtime.predictor import Predictor
+from labelloop.runtime.predictor import LoadedModel, Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ def preannotate(
     predictor: Predictor,
     fetcher: ImageFetcher,
     *,
+    model: LoadedModel,
     missing_only: bool = True,
     unlabelled_only: bool = False,
     batch_size: int = 256,
@@ -136,10 +137,7 @@ def preannotate(
     cancel: threading.Event | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> PreannotateSummary:
-    """Predict the project's tasks with the predictor's current model and push them in bulk."""
-    model = predictor.holder.current
-    if model is None:
-        raise RuntimeError("no model to pre-annotate with: train one first")
+    """Predict the project's tasks with `model` and push the predictions in bulk."""
     started = time.perf_counter()
     project = client.get_project(project_id)
     work = tasks_to_predict(
@@ -301,10 +299,12 @@ def rename_backend(
 
 
 class Refresher:
-    """After each promotion, re-predict the projects' unlabelled tasks in the background.
+    """Keep each project's stored predictions and ML-backend entry on its live version.
 
-    Only the newest version is pushed: a promotion while a refresh runs cancels it, and the new
-    one starts when the old one has stopped.
+    After a promotion or a rollback in a project, its unlabelled tasks are re-predicted in the
+    background and its entry renamed. Only the newest version of a project is pushed: a new
+    change while that project's refresh runs cancels it. Refreshes run one at a time (they
+    share the cores with /predict); other projects are never touched.
     """
 
     def __init__(
@@ -312,69 +312,119 @@ class Refresher:
         predictor: Predictor,
         client: Callable[[], LabelStudioClient | None],
         fetcher: Callable[[], ImageFetcher],
-        projects: Callable[[], list[int]],
+        model_for: Callable[[int], LoadedModel | None],
         *,
         refresh: bool = True,
         rename_backend: str | None = None,
     ) -> None:
-        """`rename_backend`: our URL as Label Studio knows it; its entry is renamed to each new
-        version. None leaves the entry alone."""
+        """`model_for`: the model a project is served now. `rename_backend`: our URL as Label
+        Studio knows it; the project's entry is renamed to each new version. None leaves the
+        entry alone."""
         self.predictor = predictor
         self.client = client
         self.fetcher = fetcher
-        self.projects = projects
+        self.model_for = model_for
         self.refresh = refresh
         self.rename_backend = rename_backend
         self._lock = threading.Lock()
-        self._cancel = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._one_at_a_time = threading.Lock()
+        self._cancel: dict[int, threading.Event] = {}
+        self._threads: dict[int, threading.Thread] = {}
+        self._stopped = threading.Event()
+        self._named: dict[int, str] = {}  # project -> the version its entry was renamed to
         self.last: dict[int, PreannotateSummary] = {}
 
-    def on_promote(self, version: str) -> None:
-        with self._lock:
-            self._cancel.set()
-            previous = self._thread
-            cancel = threading.Event()
-            self._cancel = cancel
-            self._thread = threading.Thread(
-                target=self._refresh, args=(version, cancel, previous), name="refresh", daemon=True
-            )
-            self._thread.start()
+    def on_promote(self, project_id: int, version: str) -> None:
+        """The project now serves `version`: rename its entry and re-predict its tasks."""
+        self._start(project_id, version, refresh=self.refresh, attempts=1)
+
+    def on_connect(self, project_id: int, version: str) -> None:
+        """A /setup of the project: name its entry after the live version. Label Studio saves a
+        new entry only after /setup answers, so the rename is retried a few times."""
+        # Label Studio sends /setup before every batch of predictions: rename once a version.
+        if self.rename_backend is not None and self._named.get(project_id) != version:
+            self._start(project_id, version, refresh=False, attempts=_CONNECT_ATTEMPTS)
 
     def wait(self, timeout_s: float) -> None:
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout_s)
+        with self._lock:
+            threads = list(self._threads.values())
+        deadline = time.monotonic() + timeout_s
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def stop(self) -> None:
-        self._cancel.set()
+        self._stopped.set()
+        with self._lock:
+            for cancel in self._cancel.values():
+                cancel.set()
         self.wait(10)
 
-    def _refresh(
-        self, version: str, cancel: threading.Event, previous: threading.Thread | None
+    def _start(self, project_id: int, version: str, *, refresh: bool, attempts: int) -> None:
+        if self._stopped.is_set() or (not refresh and self.rename_backend is None):
+            return
+        with self._lock:
+            old = self._cancel.get(project_id)
+            if old is not None:
+                old.set()
+            previous = self._threads.get(project_id)
+            cancel = threading.Event()
+            self._cancel[project_id] = cancel
+            thread = threading.Thread(
+                target=self._run,
+                args=(project_id, version, refresh, attempts, cancel, previous),
+                name=f"refresh-{project_id}",
+                daemon=True,
+            )
+            self._threads[project_id] = thread
+            thread.start()
+
+    def _run(
+        self,
+        project_id: int,
+        version: str,
+        refresh: bool,
+        attempts: int,
+        cancel: threading.Event,
+        previous: threading.Thread | None,
     ) -> None:
         if previous is not None:
             previous.join()
-        for project_id in self.projects():
-            if cancel.is_set():
-                return
-            client = self.client()
-            if client is None:
-                logger.info("No Label Studio URL and token yet: refresh of %d skipped", project_id)
-                return
-            try:
-                with client:
-                    if self.rename_backend is not None:
-                        rename_backend(client, project_id, self.rename_backend, version)
-                    if self.refresh:
-                        self.last[project_id] = preannotate(
-                            client,
-                            project_id,
-                            self.predictor,
-                            self.fetcher(),
-                            missing_only=True,
-                            unlabelled_only=True,
-                            cancel=cancel,
-                        )
-            except Exception:  # noqa: BLE001 - a failed refresh must not take the server down
-                logger.exception("Refreshing predictions of project %d failed", project_id)
+        client = self.client()
+        if client is None:
+            logger.info("No Label Studio URL and token yet: refresh of %d skipped", project_id)
+            return
+        try:
+            with client:
+                if self.rename_backend is not None:
+                    # Bounded: at most `attempts` tries over a few seconds, then it waits for
+                    # the next promotion.
+                    for attempt in range(attempts):
+                        if rename_backend(client, project_id, self.rename_backend, version):
+                            self._named[project_id] = version
+                            break
+                        if cancel.wait(_CONNECT_RETRY_S * (attempt + 1)):
+                            return
+                if not refresh or cancel.is_set():
+                    return
+                model = self.model_for(project_id)
+                if model is None or model.version != version:
+                    return  # superseded; the newer change has its own refresh
+                with self._one_at_a_time:
+                    if cancel.is_set():
+                        return
+                    self.last[project_id] = preannotate(
+                        client,
+                        project_id,
+                        self.predictor,
+                        self.fetcher(),
+                        model=model,
+                        missing_only=True,
+                        unlabelled_only=True,
+                        cancel=cancel,
+                    )
+        except Exception:  # noqa: BLE001 - a failed refresh must not take the server down
+            logger.exception("Refreshing predictions of project %d failed", project_id)
+
+
+_CONNECT_ATTEMPTS = 4
+_CONNECT_RETRY_S = 1.0

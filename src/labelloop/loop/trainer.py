@@ -2,8 +2,9 @@
 
 It turns ledger changes into jobs (after `auto_train_after` changes or `quiet_seconds` of quiet,
 or at once on *Start Training*), coalesces requests into one follow-up per project and kind,
-keeps the served model in line with `current` (so `labelloop rollback` takes effect without a
-restart), reconciles the ledger with Label Studio, and records each job's outcome. What a job
+serves projects in turn (one job at a time, the project that waited longest first, so a busy
+project cannot starve the others), reconciles the ledger with Label Studio, and records each
+job's outcome. What a job
 does is loop.updates; where it runs is the JobRunner (loop.jobs).
 """
 
@@ -20,8 +21,7 @@ from labelloop.loop.jobs import JobKind, JobRunner, JobState, ThreadRunner
 from labelloop.loop.ledger import AnnotationLedger, Job, ReconcileResult
 from labelloop.loop.updates import NothingToTrain, TrainerSettings, Updater, split_of
 from labelloop.ml.embeddings import EmbeddingCache
-from labelloop.runtime.predictor import ModelHolder
-from labelloop.store import ArtifactStore, StoreError, load_bundle
+from labelloop.runtime.projects import ProjectModels
 
 logger = logging.getLogger(__name__)
 
@@ -32,33 +32,33 @@ class Trainer:
     def __init__(
         self,
         *,
-        store: ArtifactStore,
+        models: ProjectModels,
         ledger: AnnotationLedger,
-        holder: ModelHolder,
         fetcher: Callable[[], ImageFetcher],
         embeddings: EmbeddingCache,
         settings: TrainerSettings,
         label_studio: Callable[[], LabelStudioClient | None] | None = None,
-        on_promote: Callable[[str], None] | None = None,
+        on_promote: Callable[[int, str], None] | None = None,
         runner: JobRunner | None = None,
     ) -> None:
-        self.store = store
+        self.models = models
         self.ledger = ledger
-        self.holder = holder
         self.settings = settings
         self.label_studio = label_studio
+        self.on_promote = on_promote
         self.updater = Updater(
-            store=store,
+            models=models,
             ledger=ledger,
-            holder=holder,
             fetcher=fetcher,
             embeddings=embeddings,
             settings=settings,
-            on_promote=on_promote,
+            on_promote=self._promoted,
         )
         self.runner = runner or ThreadRunner(settings.poll_seconds)
         self.current_job: Job | None = None
         self._reconciled = False
+        self._last_ran: dict[int, float] = {}  # project -> when its last job started
+        self._served: dict[int, str | None] = {}  # project -> its lineage's current, last seen
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -89,15 +89,47 @@ class Trainer:
     # -- one tick of the runner -----------------------------------------------------------------
 
     def tick(self) -> None:
-        """Follow `current`, queue automatic training, and run the oldest queued job."""
+        """Queue automatic training, and run the next queued job (`next_job`)."""
         if not self._reconciled:
             self._reconciled = True
             self._reconcile_all()
-        self._follow_current()
+        self._watch_lineages()
         self.queue_due_jobs()
+        job = self.next_job()
+        if job is not None:
+            self.run(job)
+
+    def _promoted(self, project_id: int, version: str) -> None:
+        self._served[project_id] = version
+        if self.on_promote is not None:
+            self.on_promote(project_id, version)
+
+    def _watch_lineages(self) -> None:
+        """A lineage whose `current` changed outside this trainer (`labelloop rollback`, another
+        process) gets the same follow-up as a promotion: its predictions and entry refreshed.
+        Serving itself needs nothing: ProjectModels reads `current` at every request."""
+        for project_id in self.models.projects():
+            version = self.models.store(project_id).current_version()
+            if project_id not in self._served:
+                self._served[project_id] = version
+                continue
+            seen = self._served[project_id]
+            self._served[project_id] = version
+            if version is not None and version != seen:
+                logger.info("Project %d now serves %s (was %s)", project_id, version, seen)
+                if self.on_promote is not None:
+                    self.on_promote(project_id, version)
+
+    def next_job(self) -> Job | None:
+        """The oldest queued job of the project whose last job started longest ago: projects
+        take turns, and within one project jobs run in the order they were queued."""
         pending = self.ledger.pending_jobs()
-        if pending:
-            self.run(pending[0])
+        if not pending:
+            return None
+        oldest: dict[int, Job] = {}
+        for job in pending:
+            oldest.setdefault(job.project_id, job)
+        return min(oldest.values(), key=lambda j: (self._last_ran.get(j.project_id, 0.0), j.id))
 
     def reconcile(self, project_id: int) -> ReconcileResult | None:
         """Bring the ledger in line with Label Studio: recovers webhooks that never arrived
@@ -142,24 +174,6 @@ class Trainer:
             except Exception:  # noqa: BLE001 - start-up must not fail because Label Studio is down
                 logger.exception("Reconciling project %d at start-up failed", project_id)
 
-    def _follow_current(self) -> None:
-        """Serve what `current` names, so `labelloop rollback` takes effect without a restart."""
-        wanted = self.store.current_version()
-        served = self.holder.current.version if self.holder.current is not None else None
-        if wanted is None or wanted == served:
-            return
-        try:
-            bundle = load_bundle(self.store.version_dir(wanted))
-        except StoreError as exc:
-            logger.error(
-                "current names %s, which cannot be loaded (%s); still serving %s",
-                wanted,
-                exc,
-                served,
-            )
-            return
-        self.holder.swap(self.holder.load(bundle))
-
     def _last_trained_seq(self, project_id: int) -> int:
         for job in self.ledger.jobs(project_id=project_id, limit=50):
             if job.state in _TRAINED_STATES and job.trained_seq is not None:
@@ -197,7 +211,7 @@ class Trainer:
         `full_growth` since the last full update (whatever its outcome, so a failing one is
         not retried at every tick)."""
         s = self.settings
-        if not s.auto_full or self.holder.current is None:
+        if not s.auto_full or self.models.serving(project_id) is None:
             return False
         last = 0
         for job in self.ledger.jobs(project_id=project_id, limit=50):
@@ -209,6 +223,7 @@ class Trainer:
     def run(self, job: Job) -> Job:
         """Run one queued job to its end and record the outcome; returns the job as stored."""
         started = time.time()
+        self._last_ran[job.project_id] = started
         seq = self.ledger.change_seq(job.project_id)
         job = self.ledger.update_job(
             job.id, state=JobState.RUNNING, started_at=started, progress="starting"

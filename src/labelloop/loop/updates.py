@@ -49,8 +49,8 @@ from labelloop.ml.head import (
 )
 from labelloop.ml.model import build_model, resolve_backbone
 from labelloop.ml.train import predict, resolve_device
-from labelloop.runtime.predictor import ModelHolder
-from labelloop.store import SPLITS_FILE, ArtifactStore, Manifest, ModelBundle, load_bundle
+from labelloop.runtime.projects import ProjectModels
+from labelloop.store import SPLITS_FILE, Manifest, ModelBundle, ModelStore, load_bundle
 from labelloop.training.core import (
     carried_thresholds,
     class_weights,
@@ -137,6 +137,15 @@ def split_of(task_id: int, settings: TrainerSettings) -> str:
     return "train"
 
 
+COLD_START = "cold-start"  # the version name of a cold start's untrained parent
+
+
+def _lineage_of(parent: ModelBundle, store: ModelStore) -> str:
+    if parent.version == COLD_START:
+        return "cold-start"
+    return "project" if parent.path.parent.resolve() == store.versions_dir.resolve() else "base"
+
+
 class NothingToTrain(Exception):
     """The job has nothing to train on yet; the message says what is missing."""
 
@@ -167,17 +176,15 @@ class Updater:
     def __init__(
         self,
         *,
-        store: ArtifactStore,
+        models: ProjectModels,
         ledger: AnnotationLedger,
-        holder: ModelHolder,
         fetcher: Callable[[], ImageFetcher],
         embeddings: EmbeddingCache,
         settings: TrainerSettings,
-        on_promote: Callable[[str], None] | None = None,
+        on_promote: Callable[[int, str], None] | None = None,
     ) -> None:
-        self.store = store
+        self.models = models
         self.ledger = ledger
-        self.holder = holder
         self.fetcher = fetcher
         self.embeddings = embeddings
         self.settings = settings
@@ -211,7 +218,7 @@ class Updater:
         from out-of-fold predictions. Seconds, with a warm cache."""
         config, examples = self._inputs(job)
         controls = [c.name for c in config.controls]
-        current = self.holder.current
+        current = self.models.parent_for(job.project_id, config)
         base = current.bundle if current is not None else None
         if base is None:
             missing = self._cold_start_shortfall(examples, controls)
@@ -344,10 +351,10 @@ class Updater:
     def full(self, job: Job) -> UpdateOutcome:
         """Fine-tune the whole network from the current weights on the annotations plus the
         offline training data (replayed, so what the model knew is not forgotten)."""
-        current = self.holder.current
+        config, examples = self._inputs(job)
+        current = self.models.parent_for(job.project_id, config)
         if current is None:
             raise NothingToTrain("no model to fine-tune yet (a fast update makes one)")
-        config, examples = self._inputs(job)
         controls = [c.name for c in config.controls]
         base = current.bundle
         s = self.settings
@@ -405,7 +412,7 @@ class Updater:
             base.model, extend_head(head_of(base.model), base.label_space.classes, space.classes)
         )
         device = resolve_device("auto")
-        work_dir = self.store.scratch_dir(f"job-{job.id}")
+        work_dir = self.models.store(job.project_id).scratch_dir(f"job-{job.id}")
         self._progress(
             job,
             f"fine-tuning on {len(train_items)} images "
@@ -544,7 +551,7 @@ class Updater:
     ) -> UpdateOutcome:
         """Publish the candidate and promote it if the gate said so. A rejected candidate keeps
         its manifest and metrics; the weights of all but the last few rejected ones are pruned."""
-        current = self.holder.current
+        store = self.models.store(job.project_id)
         promote = bool(decision["promote"])
         metrics = {**metrics, "gate": decision}
         # Gate numbers at the top level too, where `labelloop status` and older tools read them.
@@ -561,14 +568,14 @@ class Updater:
             return {"incremental": metrics}
 
         published = publish(
-            self.store,
+            store,
             model=model,
             label_space=space,
             thresholds=thresholds,
             backbone=base.manifest.backbone,
             dropout=base.manifest.dropout,
             preprocess=base.preprocess,
-            parent_version=current.version if current is not None else None,
+            parent_version=None if base.version == COLD_START else base.version,
             training_config={
                 **base.manifest.training_config,
                 "incremental": {
@@ -576,6 +583,9 @@ class Updater:
                     "trigger": job.trigger,
                     "job": job.id,
                     "project": job.project_id,
+                    # Where the parent lives: the project's own lineage, or the base model
+                    # (its first version), or nowhere (a cold start).
+                    "parent_lineage": _lineage_of(base, store),
                 },
             },
             metrics=carry_splits,
@@ -586,7 +596,7 @@ class Updater:
         version = published.version
         if not promote:
             logger.warning("Candidate %s rejected: %s", version, decision["reason"])
-            pruned = self.store.prune_rejected(keep=self.settings.keep_rejected)
+            pruned = store.prune_rejected(keep=self.settings.keep_rejected)
             if pruned:
                 logger.info("Pruned the weights of rejected candidates %s", ", ".join(pruned))
             return UpdateOutcome(
@@ -597,12 +607,12 @@ class Updater:
             )
         logger.info("Candidate %s promoted: %s", version, decision["reason"])
         promoted = load_bundle(published.path)
-        self.holder.swap(self.holder.load(promoted))
+        self.models.put(job.project_id, promoted)
         # Embeddings of backbones no longer served are stale for ever (a full update moves the
         # backbone); keep the served one and its parent's, so a rollback by one stays warm.
         self.embeddings.prune({embedding_space(promoted), embedding_space(base)})
         if self.on_promote is not None:
-            self.on_promote(version)
+            self.on_promote(job.project_id, version)
         return UpdateOutcome(
             JobState.SUCCEEDED,
             f"promoted: {decision['reason']}",
@@ -633,7 +643,7 @@ class Updater:
         model.eval()
         preprocess = PreprocessConfig(image_size=s.cold_start_image_size)
         manifest = Manifest(
-            version="cold-start",
+            version=COLD_START,
             created_at="",
             backbone=backbone,
             num_classes=len(space),

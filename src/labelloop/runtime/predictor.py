@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,7 +37,7 @@ from labelloop.labelstudio.results import (
 from labelloop.labelstudio.urls import ImageFetchError
 from labelloop.ml.transforms import eval_transform, resize_size
 from labelloop.runtime.inference import Runner, build_runner
-from labelloop.store import ModelBundle, load_bundle, store_onnx, stored_onnx
+from labelloop.store import ModelBundle, store_onnx, stored_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -85,36 +84,6 @@ class LoadedModel:
         )
 
 
-class ModelHolder:
-    """The model in use. Readers take `current` once; `swap` replaces it between requests.
-
-    `runtime` is how every version it loads runs its forward passes (labelloop.inference).
-    """
-
-    def __init__(self, model: LoadedModel | None, *, runtime: str = "auto") -> None:
-        self._current = model
-        self._lock = threading.Lock()
-        self.runtime = runtime
-
-    @classmethod
-    def from_path(cls, path: Path, *, runtime: str = "auto") -> ModelHolder:
-        return cls(LoadedModel.from_bundle(load_bundle(path), runtime=runtime), runtime=runtime)
-
-    def load(self, bundle: ModelBundle) -> LoadedModel:
-        """`bundle` ready to serve with this holder's runtime (not yet swapped in)."""
-        return LoadedModel.from_bundle(bundle, runtime=self.runtime)
-
-    @property
-    def current(self) -> LoadedModel | None:
-        return self._current
-
-    def swap(self, model: LoadedModel) -> None:
-        with self._lock:
-            previous = self._current
-            self._current = model
-        logger.info("Serving %s (was %s)", model.version, previous.version if previous else None)
-
-
 @lru_cache(maxsize=64)
 def _resolve_cached(
     digest: str, xml: str, classes: tuple[str, ...]
@@ -149,8 +118,7 @@ _Prepared = tuple[int, torch.Tensor | None, str | None]  # position, tensor, fai
 
 
 class Predictor:
-    def __init__(self, holder: ModelHolder, *, batch_size: int = 16, workers: int = 8) -> None:
-        self.holder = holder
+    def __init__(self, *, batch_size: int = 16, workers: int = 8) -> None:
         self.batch_size = batch_size
         self.window = batch_size * 2 + workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
@@ -166,17 +134,14 @@ class Predictor:
         label_config: str,
         fetcher: ImageFetcher,
         *,
-        model: LoadedModel | None = None,
+        model: LoadedModel,
     ) -> tuple[list[TaskPrediction | list], PredictStats]:
         """One item per task, in order: a prediction, or [] when its image failed.
 
-        `model` pins a snapshot across several calls (a long pre-annotation run); by default
-        the model being served now.
+        `model` is a snapshot: a long pre-annotation run keeps one across many calls, whatever
+        is promoted meanwhile.
         """
         started = time.perf_counter()
-        model = model or self.holder.current
-        if model is None:
-            raise RuntimeError("no model is loaded")
         config, mapping = resolve_config(label_config, model.classes)
         image_key = mapping.bindings[0].control.image_key
         stats = PredictStats(tasks=len(tasks))

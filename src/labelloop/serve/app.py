@@ -25,7 +25,7 @@ from labelloop.labelstudio.annotations import AnnotationPayloadError
 from labelloop.labelstudio.auth import LabelStudioAuth
 from labelloop.labelstudio.client import LabelStudioClient
 from labelloop.labelstudio.fetcher import ImageFetcher
-from labelloop.labelstudio.label_config import LabelConfigError
+from labelloop.labelstudio.label_config import LabelConfigError, parse_label_config
 from labelloop.labelstudio.protocol import (
     PredictRequest,
     PredictResponse,
@@ -35,10 +35,12 @@ from labelloop.labelstudio.protocol import (
     project_id_from,
 )
 from labelloop.labelstudio.urls import BaseURLError, FetchSettings, http_base_url
+from labelloop.lineages import migrate_layout, project_store, projects_with_lineage
 from labelloop.loop.ledger import AnnotationLedger, Ledger
 from labelloop.loop.preannotate import Refresher
 from labelloop.loop.trainer import Trainer, TrainerSettings
-from labelloop.runtime.predictor import ModelHolder, Predictor, resolve_config
+from labelloop.runtime.predictor import LoadedModel, Predictor, resolve_config
+from labelloop.runtime.projects import ProjectModels
 from labelloop.serve.events import record_event
 from labelloop.serve.settings import ServeSettings
 from labelloop.store import ModelStore, StoreError
@@ -174,6 +176,14 @@ class FetcherRegistry:
             self._fetchers.clear()
 
 
+def _parses(xml: str) -> bool:
+    try:
+        parse_label_config(xml)
+    except LabelConfigError:
+        return False
+    return True
+
+
 def _header_safe(token: str) -> bool:
     return token.isascii() and token.isprintable()
 
@@ -208,21 +218,21 @@ def _basic_auth_dependency(settings: ServeSettings):
 
 def create_app(
     settings: ServeSettings,
-    holder: ModelHolder,
+    models: ProjectModels,
     *,
     predictor: Predictor | None = None,
     fetchers: FetcherRegistry | None = None,
     ledger: AnnotationLedger | None = None,
     trainer: Trainer | None = None,
+    refresher: Refresher | None = None,
 ) -> FastAPI:
     """The app. Without a ledger, webhooks are only acknowledged; with a trainer, annotations
     train new versions in the background."""
     predictor = predictor or Predictor(
-        holder, batch_size=settings.batch_size, workers=settings.fetch_workers
+        batch_size=settings.batch_size, workers=settings.fetch_workers
     )
     fetchers = fetchers or FetcherRegistry(settings)
     metrics = ServerMetrics()
-    store = ModelStore(settings.model_dir)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -231,6 +241,8 @@ def create_app(
         yield
         if trainer is not None:
             trainer.stop()
+        if refresher is not None:
+            refresher.stop()
         predictor.close()
         fetchers.close()
 
@@ -242,13 +254,12 @@ def create_app(
         max_body_size=settings.max_request_mb * 2**20,
     )
     app.state.settings = settings
-    app.state.holder = holder
+    app.state.models = models
     app.state.predictor = predictor
     app.state.metrics = metrics
     app.state.fetchers = fetchers
 
-    def model_version() -> str:
-        model = holder.current
+    def version_of(model: LoadedModel | None) -> str:
         return model.version if model is not None else NO_MODEL_VERSION
 
     @app.exception_handler(RequestValidationError)
@@ -272,11 +283,12 @@ def create_app(
     @app.get("/health")
     def health() -> dict[str, Any]:
         metrics.count_request("health")
+        base = models.base()
         return {
             "status": "UP",
             "model_class": "labelloop",
-            "model_version": model_version(),
-            "model_loaded": holder.current is not None,
+            "model_version": version_of(base),
+            "model_loaded": base is not None,
         }
 
     @app.post("/setup", response_model=SetupResponse, response_model_exclude_none=True)
@@ -284,37 +296,72 @@ def create_app(
         metrics.count_request("setup")
         setup_warnings = fetchers.remember_setup(request.hostname, request.access_token)
         project_id = project_id_from(request.project)
-        if ledger is not None and project_id is not None and request.label_config:
-            ledger.set_label_config(project_id, request.label_config)
-        model = holder.current
+        model = models.serving(project_id)
         warnings: list[str] = []
-        if model is None:
-            warnings.append("no model is trained yet: predictions stay empty until one is")
-        elif request.label_config:
+        if project_id is None:
+            warnings.append(
+                "the request names no project: the base model answers, and nothing is trained"
+            )
+        if request.label_config:
             try:
-                config, mapping = resolve_config(request.label_config, model.classes)
+                config = parse_label_config(request.label_config)
             except LabelConfigError as exc:
+                logger.warning("Setup of project %s refused: %s", project_id, exc)
                 raise HTTPException(status_code=422, detail=str(exc)) from None
-            warnings = [*config.warnings, *mapping.warnings()]
-            for line in warnings:
-                logger.warning("Label config: %s", line)
-        return SetupResponse(model_version=model_version(), warnings=[*setup_warnings, *warnings])
+            warnings.extend(config.warnings)
+            if model is not None:
+                try:
+                    _, mapping = resolve_config(request.label_config, model.classes)
+                    warnings.extend(mapping.warnings())
+                except LabelConfigError as exc:
+                    if project_id is not None and models.has_lineage(project_id):
+                        warnings.append(
+                            f"no choice maps onto the project's model {model.version} any "
+                            f"more ({exc}); predictions stay empty until a version is trained "
+                            "on annotations with the new choices"
+                        )
+                    else:
+                        warnings.append(
+                            "no choice is a class of the base model: this project starts "
+                            "cold, its first model is trained on its own annotations"
+                        )
+                    model = None
+            if ledger is not None and project_id is not None:
+                # Only a config that parsed is remembered: a project whose setup failed is
+                # never trained nor pre-annotated.
+                ledger.set_label_config(project_id, request.label_config)
+        elif model is None:
+            warnings.append("no model is trained yet: predictions stay empty until one is")
+        for line in warnings:
+            logger.warning("Setup of project %s: %s", project_id, line)
+        if refresher is not None and project_id is not None and model is not None:
+            refresher.on_connect(project_id, model.version)
+        return SetupResponse(model_version=version_of(model), warnings=[*setup_warnings, *warnings])
 
     @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=True)
     def predict(request: PredictRequest) -> PredictResponse:
         metrics.count_request("predict")
-        if holder.current is None:
+        project_id = project_id_from(request.project)
+        model = models.serving(project_id)
+        if model is None:
             return PredictResponse(results=[[] for _ in request.tasks])
         if not request.label_config:
             raise HTTPException(status_code=422, detail="label_config is missing from the request")
         if not request.tasks:
             return PredictResponse(results=[])
         try:
-            results, stats = predictor.predict(
-                request.tasks, request.label_config, fetchers.current()
-            )
+            resolve_config(request.label_config, model.classes)
         except LabelConfigError as exc:
+            if _parses(request.label_config) and (
+                project_id is None or not models.has_lineage(project_id)
+            ):
+                # A project that shares nothing with the base model starts cold: no
+                # prediction until its own first version, as with no model at all.
+                return PredictResponse(results=[[] for _ in request.tasks])
             raise HTTPException(status_code=422, detail=str(exc)) from None
+        results, stats = predictor.predict(
+            request.tasks, request.label_config, fetchers.current(), model=model
+        )
         metrics.record_predict(stats.tasks, stats.predicted, stats.failed, stats.seconds)
         return PredictResponse(results=results)
 
@@ -333,8 +380,10 @@ def create_app(
         return reply
 
     @app.get("/versions")
-    def versions() -> dict[str, Any]:
+    def versions(project: int | None = None) -> dict[str, Any]:
+        """The project's lineage (`?project=ID`), or the base model's versions."""
         metrics.count_request("versions")
+        store = models.base_store if project is None else models.store(project)
         try:
             names = store.versions()
             current = store.current_version()
@@ -352,12 +401,20 @@ def create_app(
                 )
         except StoreError as exc:
             raise HTTPException(status_code=500, detail=str(exc)) from None
-        return {"versions": names, "current": current, "details": listed}
+        body: dict[str, Any] = {"versions": names, "current": current, "details": listed}
+        if project is not None and current is None:
+            body["served"] = version_of(models.serving(project))
+        return body
 
     @app.get("/metrics")
     def server_metrics() -> dict[str, Any]:
         metrics.count_request("metrics")
-        body: dict[str, Any] = {"model_version": model_version(), **metrics.snapshot()}
+        body: dict[str, Any] = {
+            "model_version": version_of(models.base()),
+            "projects": models.versions(),
+            "loaded_models": len(models.loaded()),
+            **metrics.snapshot(),
+        }
         if ledger is not None:
             body["training"] = {
                 "running": trainer.current_job.to_dict()
@@ -372,8 +429,8 @@ def create_app(
 
 
 def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None = None) -> FastAPI:
-    """Everything `labelloop serve` runs: the current model (if any), the annotation ledger,
-    the embedding cache and the background trainer, all under MODEL_DIR."""
+    """Everything `labelloop serve` runs: the base model and the projects' lineages, the
+    annotation ledger, the embedding cache and the background trainer, all under MODEL_DIR."""
     from labelloop.ml.embeddings import EmbeddingCache
 
     settings.model_dir.mkdir(parents=True, exist_ok=True)
@@ -383,16 +440,21 @@ def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None 
         settings = settings.model_copy(
             update={"cache_dir": settings.model_dir / "cache" / "images"}
         )
-    try:
-        holder = ModelHolder.from_path(settings.model_dir, runtime=settings.runtime)
-    except StoreError as exc:
-        logger.warning(
-            "Starting without a model (predictions stay empty until one is trained): %s", exc
-        )
-        holder = ModelHolder(None, runtime=settings.runtime)
-    fetchers = FetcherRegistry(settings)
-    predictor = Predictor(holder, batch_size=settings.batch_size, workers=settings.fetch_workers)
     ledger = Ledger(settings.model_dir / "ledger.sqlite3")
+    known = ledger.projects()
+    migrate_layout(settings.model_dir, sole_project=known[0] if len(known) == 1 else None)
+    for project_id in projects_with_lineage(settings.model_dir):
+        project_store(settings.model_dir, project_id).remove_stale_staging()
+    models = ProjectModels(
+        settings.model_dir, runtime=settings.runtime, max_loaded=settings.max_loaded_models
+    )
+    if models.base() is None and not models.projects():
+        logger.warning(
+            "Starting without a model: projects start cold, predictions stay empty until "
+            "their first version is trained"
+        )
+    fetchers = FetcherRegistry(settings)
+    predictor = Predictor(batch_size=settings.batch_size, workers=settings.fetch_workers)
     (settings.model_dir / "cache").mkdir(exist_ok=True)
     refresher = None
     if settings.refresh or settings.rename_backend:
@@ -400,14 +462,13 @@ def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None 
             predictor,
             fetchers.client,
             fetchers.current,
-            ledger.projects,
+            models.serving,
             refresh=settings.refresh,
             rename_backend=settings.backend_url if settings.rename_backend else None,
         )
     trainer = Trainer(
-        store=ModelStore(settings.model_dir),
+        models=models,
         ledger=ledger,
-        holder=holder,
         fetcher=fetchers.current,
         label_studio=fetchers.client,
         embeddings=EmbeddingCache(settings.model_dir / "cache" / "embeddings.sqlite3"),
@@ -415,5 +476,11 @@ def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None 
         on_promote=refresher.on_promote if refresher is not None else None,
     )
     return create_app(
-        settings, holder, predictor=predictor, fetchers=fetchers, ledger=ledger, trainer=trainer
+        settings,
+        models,
+        predictor=predictor,
+        fetchers=fetchers,
+        ledger=ledger,
+        trainer=trainer,
+        refresher=refresher,
     )

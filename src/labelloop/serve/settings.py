@@ -49,6 +49,9 @@ class ServeSettings(BaseModel):
     # Where forward passes run (labelloop.inference): auto = CUDA if present, else ONNX Runtime
     # when it reproduces PyTorch's outputs, else PyTorch.
     runtime: Runtime = "auto"
+    # Models kept in memory at once (the base model and projects' versions, least recently
+    # used unloaded first): 50 connected projects must not hold 50 models.
+    max_loaded_models: int = Field(4, ge=1, le=256)
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:
@@ -81,6 +84,7 @@ ENV_NAMES = {
     "allowed_image_hosts": "LABELLOOP_ALLOWED_IMAGE_HOSTS",
     "runtime": "LABELLOOP_RUNTIME",
     "max_request_mb": "LABELLOOP_MAX_REQUEST_MB",
+    "max_loaded_models": "LABELLOOP_MAX_LOADED_MODELS",
 }
 
 
