@@ -26,8 +26,6 @@ BACKBONES = (
 )
 
 
-
-
 class LoadMode(StrEnum):
     """How `--init-from` loads an earlier model (ml.checkpoints.load_into)."""
 

@@ -77,9 +77,7 @@ def test_no_promotion_without_evidence(y: np.ndarray, current: np.ndarray, expec
 def test_a_first_model_needs_a_positive_out_of_fold_score() -> None:
     y = _labels(10)
     empty = np.zeros((0, 3))
-    assert decide(empty, empty, None, tolerance=0.01, min_items=30, candidate_oof_f1=0.4)[
-        "promote"
-    ]
+    assert decide(empty, empty, None, tolerance=0.01, min_items=30, candidate_oof_f1=0.4)["promote"]
     refused = decide(empty, empty, None, tolerance=0.01, min_items=30, candidate_oof_f1=0.0)
     assert refused["promote"] is False and "nothing right" in refused["reason"]
     assert decide(y, y.astype(bool), None, tolerance=0.01, min_items=30)["promote"]

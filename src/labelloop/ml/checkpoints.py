@@ -16,10 +16,6 @@ from labelloop.errors import CheckpointError
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 
 
-
-
-
-
 @dataclass
 class LoadReport:
     mode: LoadMode

@@ -27,8 +27,6 @@ PLACEHOLDERS = frozenset({"", "nan", "none", "null", "[]", "-", "n/a"})
 _SEPARATORS = re.compile(r"[;,|]")
 
 
-
-
 class UnknownLabelsError(DataError):
     pass
 
