@@ -506,8 +506,17 @@ def serve(
             "onnxruntime or torch [auto].",
         ),
     ] = None,
+    max_loaded_models: Annotated[
+        int | None,
+        typer.Option(
+            envvar="LABELLOOP_MAX_LOADED_MODELS",
+            min=1,
+            help="Models kept in memory at once, the least recently used unloaded first [4].",
+        ),
+    ] = None,
 ) -> None:
-    """Serve the current model to Label Studio and learn from its annotations.
+    """Serve the base model and each project's own lineage to Label Studio, and learn from
+    its annotations.
 
     Reads LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY (legacy token or personal access token),
     BASIC_AUTH_USER / BASIC_AUTH_PASS, LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, LOG_LEVEL.
@@ -531,6 +540,7 @@ def serve(
             "rename_backend": rename_backend,
             "public_url": public_url,
             "runtime": runtime,
+            "max_loaded_models": max_loaded_models,
         }
     )
     app_ = build_app(

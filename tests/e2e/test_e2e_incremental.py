@@ -21,11 +21,11 @@ N_ANNOTATED = 80
 
 
 def training_jobs(backend) -> list[dict]:
-    return backend.get("/metrics")["training"]["jobs"]
+    return backend.get("/status")["training"]["jobs"]
 
 
 def idle(backend) -> bool:
-    training = backend.get("/metrics")["training"]
+    training = backend.get("/status")["training"]
     return training["running"] is None and not any(j["state"] == "queued" for j in training["jobs"])
 
 
@@ -108,7 +108,7 @@ def annotate(world) -> list[int]:
             client.create_annotation(task_id, result_for(world["labels"][task_id]))
         world["annotated"] = True
     wait_until(
-        lambda: backend.get("/metrics")["training"]["ledger"]["live"] >= N_ANNOTATED,
+        lambda: backend.get("/status")["training"]["ledger"]["live"] >= N_ANNOTATED,
         timeout_s=30,
         what="webhooks for every annotation",
     )
@@ -121,6 +121,11 @@ def annotated(world) -> list[int]:
     return annotate(world)
 
 
+def served(backend, project_id: int) -> str:
+    """The version the backend serves the project (its own lineage's, else the base model)."""
+    return backend.get(f"/versions?project={project_id}")["served"]
+
+
 def predictions_by_task(client, project_id: int, version: str) -> dict[int, set[str]]:
     out = {}
     for p in client.predictions(project_id=project_id):
@@ -131,7 +136,7 @@ def predictions_by_task(client, project_id: int, version: str) -> dict[int, set[
 
 def test_annotations_train_a_version_that_label_studio_receives(world) -> None:
     client, backend, pid = world["client"], world["backend"], world["project"]
-    first_version = backend.health()["model_version"]
+    first_version = served(backend, pid)
     client.retrieve_predictions(pid)
     before = wait_until(
         lambda: (p := predictions_by_task(client, pid, first_version)) and len(p) == N_TASKS and p,
@@ -142,7 +147,7 @@ def test_annotations_train_a_version_that_label_studio_receives(world) -> None:
     started = time.monotonic()
     annotated = annotate(world)
     stats = wait_until(
-        lambda: (s := backend.get("/metrics")["training"]["ledger"])["live"] >= N_ANNOTATED and s,
+        lambda: (s := backend.get("/status")["training"]["ledger"])["live"] >= N_ANNOTATED and s,
         timeout_s=30,
         what="webhooks for every annotation",
     )
@@ -160,7 +165,7 @@ def test_annotations_train_a_version_that_label_studio_receives(world) -> None:
     assert {j["state"] for j in jobs} <= {"succeeded", "rejected"}, jobs
     promoted = [j for j in jobs if j["state"] == "succeeded"]
     assert promoted, f"no candidate was promoted: {[j['metrics'] for j in jobs]}"
-    new_version = backend.health()["model_version"]
+    new_version = served(backend, pid)
     assert new_version != first_version and new_version.startswith("v")
     seconds_to_new_version = time.monotonic() - started
 
@@ -258,7 +263,7 @@ def test_deletions_leave_the_training_set(world, annotated) -> None:
         client.delete_annotation(annotation["id"])
     stats = wait_until(
         lambda: (
-            (s := backend.get("/metrics")["training"]["ledger"])["training_tasks"]
+            (s := backend.get("/status")["training"]["ledger"])["training_tasks"]
             == N_ANNOTATED - 1
             and s
         ),
@@ -271,11 +276,11 @@ def test_deletions_leave_the_training_set(world, annotated) -> None:
 def test_restart_keeps_ledger_jobs_and_version(world) -> None:
     backend = world["backend"]
     wait_until(lambda: idle(backend), timeout_s=180, what="training to settle")
-    version = backend.health()["model_version"]
+    version = served(backend, world["project"])
     jobs = {j["id"]: j["state"] for j in training_jobs(backend)}
-    ledger = backend.get("/metrics")["training"]["ledger"]
+    ledger = backend.get("/status")["training"]["ledger"]
     backend.restart()
-    assert backend.health()["model_version"] == version
+    assert served(backend, world["project"]) == version
     after = {j["id"]: j["state"] for j in training_jobs(backend)}
     assert {k: after[k] for k in jobs} == jobs
-    assert backend.get("/metrics")["training"]["ledger"] == ledger
+    assert backend.get("/status")["training"]["ledger"] == ledger

@@ -70,7 +70,7 @@ def test_retrieve_predictions_stores_valid_predictions(
     assert project["broken"] not in by_task  # its image cannot be fetched: no prediction
     good_tasks = {t["id"] for t in project["tasks"]} - {project["broken"]}
     assert set(by_task) == good_tasks  # uploaded and local-storage tasks alike
-    version = backend.health()["model_version"]
+    version = backend.get(f"/versions?project={pid}")["served"]
     for prediction in by_task.values():
         assert prediction["model_version"] == version
         assert 0.0 <= prediction["score"] <= 1.0

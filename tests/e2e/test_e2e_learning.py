@@ -27,7 +27,7 @@ FIRST_BATCH = 20
 def settled(backend, n_changes: int) -> bool:
     """Every annotation recorded, a finished job trained on all of them (each annotation made
     here is one change of the ledger), and nothing queued or running."""
-    training = backend.get("/metrics")["training"]
+    training = backend.get("/status")["training"]
     trained = [
         j["trained_seq"] or 0
         for j in training["jobs"]
@@ -129,7 +129,7 @@ def test_from_an_empty_model_folder_the_default_backbone_learns(
     project.annotate(FIRST_BATCH)
     first_version, first = project.heldout_predictions()
     assert first_version != "untrained"  # the cold start made a first model
-    assert backend.get("/versions")["current"] == first_version
+    assert backend.get(f"/versions?project={project.id}")["current"] == first_version
 
     project.annotate(N_ANNOTATED - FIRST_BATCH)
     final_version, final = project.heldout_predictions()

@@ -145,7 +145,7 @@ def test_preannotate_never_makes_label_studio_call_the_backend(project, backend)
     client.update_project(pid, evaluate_predictions_automatically=True)
 
     def tasks_the_backend_predicted() -> int:
-        return int(httpx.get(f"{backend.url}/metrics", timeout=10).json()["predict"]["tasks"])
+        return int(httpx.get(f"{backend.url}/status", timeout=10).json()["predict"]["tasks"])
 
     before = tasks_the_backend_predicted()  # the backend is shared with other tests
     assert run(project, "--limit", "20") == (20, 0)

@@ -228,14 +228,50 @@ def test_status_shows_version_ledger_and_jobs(trained_model, tmp_path: Path) -> 
     shutil.copytree(trained_model[0], model_dir)
     result = invoke("status", "--model-dir", model_dir)
     assert result.exit_code == 0
-    assert f"current version: {trained_model[1].version}" in result.output
+    assert f"base model: {trained_model[1].version}" in result.output
     assert "no annotations recorded yet" in result.output
     with Ledger(model_dir / "ledger.sqlite3") as ledger:
         job = ledger.create_job(3, "fast", "start_training")
         ledger.update_job(
             job.id, state="rejected", metrics={"candidate_f1": 0.4, "current_f1": 0.5}
         )
+        ledger.create_job(4, "full", "auto")
     result = invoke("status", "--model-dir", model_dir)
     assert result.exit_code == 0, result.output
-    assert f"#{job.id} fast rejected  project 3 (start_training)" in result.output
+    assert f"project 3: serves the base model ({trained_model[1].version})" in result.output
+    assert f"#{job.id} fast rejected  (start_training)" in result.output
     assert "held-out macro-F1 0.400 (was 0.500)" in result.output
+    only = invoke("status", "--model-dir", model_dir, "--project", "4").output
+    assert "project 4:" in only and "project 3:" not in only
+
+
+def test_versions_and_rollback_of_a_project_lineage(trained_model, tmp_path: Path) -> None:
+    import shutil
+
+    from labelloop.lineages import project_store
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(trained_model[0], model_dir)
+    base = trained_model[1].version
+    result = invoke("versions", "--model-dir", model_dir, "--project", "5")
+    assert result.exit_code == 0
+    assert f"no version of its own yet; it is served the base model ({base})" in result.output
+    # Two versions in project 5's lineage (copies of the base's files are enough here).
+    lineage = project_store(model_dir, 5)
+    lineage.versions_dir.mkdir(parents=True)
+    names = ["v1-20260101T000000", "v2-20260102T000000"]
+    for name in names:
+        shutil.copytree(ModelStore(model_dir).version_dir(base), lineage.versions_dir / name)
+        manifest = lineage.versions_dir / name / "manifest.json"
+        manifest.write_text(manifest.read_text().replace(base, name))
+    lineage.set_current(names[1])
+    listed = invoke("versions", "--model-dir", model_dir).output
+    assert f"* {base}" in listed and "  5: v2-20260102T000000 (2 versions)" in listed
+    result = invoke("rollback", names[0], "--model-dir", model_dir, "--project", "5")
+    assert result.exit_code == 0, result.output
+    assert "project 5: current -> v1-20260101T000000" in result.output
+    assert lineage.current_version() == names[0]
+    assert ModelStore(model_dir).current_version() == base  # the base is left alone
+    assert f"* {names[0]}" in invoke("versions", "--model-dir", model_dir, "--project", "5").output
+    bad = invoke("rollback", base, "--model-dir", model_dir, "--project", "5")
+    assert bad.exit_code == 2 and "no version" in bad.output

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from servers import BackendProcess, wait_until
 
+from labelloop.lineages import project_store
 from labelloop.loop.ledger import Ledger
 from labelloop.store import ModelStore, verify_version_dir
 
@@ -64,7 +65,7 @@ def webhook_for(demo_dataset, n: int, config: str) -> dict:
 
 
 def jobs(backend: BackendProcess) -> list[dict]:
-    return backend.get("/metrics")["training"]["jobs"]
+    return backend.get("/status")["training"]["jobs"]
 
 
 def test_kill_9_during_training_loses_nothing(trained_model, demo_dataset, tmp_path: Path) -> None:
@@ -97,17 +98,18 @@ def test_kill_9_during_training_loses_nothing(trained_model, demo_dataset, tmp_p
             timeout_s=120,
             what="the full update to start",
         )
-        served_before_crash = backend.health()["model_version"]
+        served_before_crash = backend.get(f"/versions?project={PROJECT}")["served"]
         backend.kill()
 
-        store = ModelStore(model_dir)
-        assert store.current_version() == served_before_crash  # never half a model
+        lineage = project_store(model_dir, PROJECT)
+        current = lineage.current_version() or ModelStore(model_dir).current_version()
+        assert current == served_before_crash  # never half a model
         with Ledger(model_dir / "ledger.sqlite3") as ledger:
             assert ledger.stats(PROJECT)["live"] == 60  # every acknowledged annotation
             assert ledger.job(full["id"]).state == "running"  # as the crash left it
 
         backend.restart()
-        assert backend.health()["model_version"] == served_before_crash
+        assert backend.get(f"/versions?project={PROJECT}")["served"] == served_before_crash
         interrupted = next(j for j in jobs(backend) if j["id"] == full["id"])
         assert interrupted["state"] == "failed" and "interrupted" in interrupted["error"]
         recovery = wait_until(
@@ -125,8 +127,9 @@ def test_kill_9_during_training_loses_nothing(trained_model, demo_dataset, tmp_p
         assert recovery["kind"] == "full" and recovery["state"] in ("succeeded", "rejected")
         # A staging folder the crash left behind is never listed or loaded; every published
         # version verifies against its checksums.
-        for version in store.versions():
-            verify_version_dir(store.version_dir(version))
+        for store in (ModelStore(model_dir), lineage):
+            for version in store.versions():
+                verify_version_dir(store.version_dir(version))
     finally:
         backend.stop()
 

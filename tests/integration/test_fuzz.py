@@ -77,7 +77,7 @@ EXPECTED_OPERATIONS = {
     "POST /predict",
     "POST /webhook",
     "GET /versions",
-    "GET /metrics",
+    "GET /status",
 }
 
 

@@ -481,7 +481,7 @@ def test_a_huge_batch_is_answered_in_bounded_time(
             data.append({"text": "no image"})
         else:
             data.append({"image": f"/data/local-files/?d=images/missing-{i}.png"})
-    failed_before = sum(backend.get("/metrics").json()["predict"]["failed"].values())
+    failed_before = sum(backend.get("/status").json()["predict"]["failed"].values())
     started = time.monotonic()
     response = backend.post("/predict", json=predict_body(config, *data))
     elapsed = time.monotonic() - started
@@ -489,7 +489,7 @@ def test_a_huge_batch_is_answered_in_bounded_time(
     results = response.json()["results"]
     assert len(results) == n
     assert [bool(r) for r in results] == [i % 20 == 0 for i in range(n)]
-    failed_after = sum(backend.get("/metrics").json()["predict"]["failed"].values())
+    failed_after = sum(backend.get("/status").json()["predict"]["failed"].values())
     assert failed_after - failed_before == n - n // 20
     assert elapsed < 60, f"{n} tasks took {elapsed:.1f} s"
     print(f"huge batch: {n} tasks in {elapsed:.2f} s")

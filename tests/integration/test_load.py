@@ -80,6 +80,10 @@ class Recorder:
             self.errors.append(text)
 
 
+def served(client: httpx.Client) -> str:
+    return client.get("/versions", params={"project": PROJECT}).json()["served"]
+
+
 def test_fifty_clients_during_training_and_hot_swaps(
     trained_model, demo_dataset, tmp_path: Path
 ) -> None:
@@ -113,7 +117,7 @@ def test_fifty_clients_during_training_and_hot_swaps(
         ),
     )
     pid = backend.process.pid
-    first_version = backend.health()["model_version"]
+    first_version = backend.get(f"/versions?project={PROJECT}")["served"]
     record = Recorder()
     promoted = threading.Event()
     stop = threading.Event()
@@ -142,7 +146,7 @@ def test_fifty_clients_during_training_and_hot_swaps(
         def watch_versions() -> None:
             with httpx.Client(base_url=backend.url, timeout=30) as client:
                 while not stop.is_set():
-                    if client.get("/health").json()["model_version"] != first_version:
+                    if served(client) != first_version:
                         promoted.set()
                         return
                     stop.wait(0.2)
@@ -237,7 +241,7 @@ def test_fifty_clients_during_training_and_hot_swaps(
         stop.set()
         for thread in helpers:
             thread.join(timeout=10)
-        jobs = backend.get("/metrics")["training"]["jobs"]
+        jobs = backend.get("/status")["training"]["jobs"]
     finally:
         stop.set()
         backend.stop()

@@ -160,7 +160,7 @@ def test_a_broken_image_fails_alone(client, demo_dataset, caplog: pytest.LogCapt
     results = response.json()["results"]
     assert [bool(r) for r in results] == [True, False, True, True, False]
     assert "Task 99 gets no prediction" in caplog.text
-    metrics = client.get("/metrics").json()
+    metrics = client.get("/status").json()
     assert sum(metrics["predict"]["failed"].values()) >= 2
 
 
@@ -214,13 +214,39 @@ def test_webhooks_are_acknowledged(client, name: str) -> None:
     assert response.json() == {"status": "ok", "action": payload["action"]}
 
 
-def test_versions_and_metrics(client, trained_model) -> None:
+def test_versions_and_status(client, trained_model) -> None:
     _, outcome = trained_model
     versions = client.get("/versions").json()
     assert versions["versions"] == [outcome.version] and versions["current"] == outcome.version
-    metrics = client.get("/metrics").json()
-    assert metrics["model_version"] == outcome.version
-    assert metrics["requests"]["versions"] >= 1
+    status = client.get("/status").json()
+    assert status["model_version"] == outcome.version
+    assert status["requests"]["versions"] >= 1
+
+
+def test_prometheus_metrics_after_predictions(client, trained_model, demo_dataset) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, outcome = trained_model
+    names = sorted(p.name for p in demo_dataset.images_dir.glob("*.png"))[:3]
+    tasks = [*tasks_for(names), {"id": 77, "data": {"image": "/data/upload/1/missing.png"}}]
+    body = {"tasks": tasks, "label_config": CONFIG, "project": "12.1"}
+    assert client.post("/predict", json=body).status_code == 200
+    reply = client.get("/metrics")
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(reply.text)
+        for s in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    assert value("labelloop_predictions_total", project="12") >= 3
+    assert value("labelloop_predict_tasks_total", project="12") >= 4
+    assert value("labelloop_image_fetch_failures_total", reason="http_4xx") >= 1
+    assert value("labelloop_http_requests_total", route="/predict", method="POST", status="200")
+    assert value("labelloop_model_version_info", project="base", version=outcome.version) == 1
 
 
 def test_basic_auth_on_every_route(trained_model, models, image_host) -> None:
@@ -233,6 +259,7 @@ def test_basic_auth_on_every_route(trained_model, models, image_host) -> None:
             ("post", "/predict"),
             ("post", "/webhook"),
             ("get", "/versions"),
+            ("get", "/status"),
             ("get", "/metrics"),
         ]:
             assert getattr(c, method)(path).status_code == 401, path

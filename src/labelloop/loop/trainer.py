@@ -46,6 +46,7 @@ class Trainer:
         self.settings = settings
         self.label_studio = label_studio
         self.on_promote = on_promote
+        self.on_job_done: Callable[[Job], None] | None = None  # e.g. metrics
         self.updater = Updater(
             models=models,
             ledger=ledger,
@@ -222,6 +223,15 @@ class Trainer:
 
     def run(self, job: Job) -> Job:
         """Run one queued job to its end and record the outcome; returns the job as stored."""
+        finished = self._run(job)
+        if self.on_job_done is not None:
+            try:
+                self.on_job_done(finished)
+            except Exception:  # noqa: BLE001 - bookkeeping must not fail the trainer
+                logger.exception("Recording the end of job %d failed", finished.id)
+        return finished
+
+    def _run(self, job: Job) -> Job:
         started = time.time()
         self._last_ran[job.project_id] = started
         seq = self.ledger.change_seq(job.project_id)

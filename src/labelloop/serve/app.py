@@ -42,6 +42,7 @@ from labelloop.loop.trainer import Trainer, TrainerSettings
 from labelloop.runtime.predictor import LoadedModel, Predictor, resolve_config
 from labelloop.runtime.projects import ProjectModels
 from labelloop.serve.events import record_event
+from labelloop.serve.metrics import PrometheusMetrics
 from labelloop.serve.settings import ServeSettings
 from labelloop.store import ModelStore, StoreError
 
@@ -176,6 +177,10 @@ class FetcherRegistry:
             self._fetchers.clear()
 
 
+def _ledger_sizes(ledger: AnnotationLedger) -> dict[str, int]:
+    return {str(p): ledger.stats(p)["live"] for p in ledger.projects()}
+
+
 def _parses(xml: str) -> bool:
     try:
         parse_label_config(xml)
@@ -253,7 +258,22 @@ def create_app(
         dependencies=[Depends(_basic_auth_dependency(settings))],
         max_body_size=settings.max_request_mb * 2**20,
     )
+    prometheus = PrometheusMetrics(
+        model_versions=models.versions,
+        ledger_sizes=(lambda: _ledger_sizes(ledger)) if ledger is not None else None,
+        queue_length=(lambda: len(ledger.pending_jobs())) if ledger is not None else None,
+    )
+    # Routes added after this inherit the app's dependencies: /metrics is behind basic auth too.
+    prometheus.install(app)
+    models.on_load = prometheus.observe_model_load
+    if trainer is not None:
+        trainer.on_job_done = lambda job: prometheus.observe_job(
+            str(job.kind),
+            str(job.state),
+            job.finished_at - job.started_at if job.finished_at and job.started_at else None,
+        )
     app.state.settings = settings
+    app.state.prometheus = prometheus
     app.state.models = models
     app.state.predictor = predictor
     app.state.metrics = metrics
@@ -363,6 +383,7 @@ def create_app(
             request.tasks, request.label_config, fetchers.current(), model=model
         )
         metrics.record_predict(stats.tasks, stats.predicted, stats.failed, stats.seconds)
+        prometheus.observe_predict(project_id, stats.tasks, stats.predicted, stats.failed)
         return PredictResponse(results=results)
 
     @app.post("/webhook")
@@ -402,13 +423,15 @@ def create_app(
         except StoreError as exc:
             raise HTTPException(status_code=500, detail=str(exc)) from None
         body: dict[str, Any] = {"versions": names, "current": current, "details": listed}
-        if project is not None and current is None:
+        if project is not None:
+            # What the project is served: its lineage's current, else the base model's.
             body["served"] = version_of(models.serving(project))
         return body
 
-    @app.get("/metrics")
-    def server_metrics() -> dict[str, Any]:
-        metrics.count_request("metrics")
+    @app.get("/status")
+    def server_status() -> dict[str, Any]:
+        """What the backend is doing, as JSON (Prometheus' text format is at /metrics)."""
+        metrics.count_request("status")
         body: dict[str, Any] = {
             "model_version": version_of(models.base()),
             "projects": models.versions(),
