@@ -421,7 +421,7 @@ def rollback(
     A running backend serves it from its next request on, and refreshes the project's
     predictions and ML-backend entry name."""
     _lineages(model_dir)
-    _store_of(model_dir, project).set_current(version)
+    _store_of(model_dir, project).set_current(version, reason="rollback")
     where = f"project {project}" if project is not None else "base model"
     typer.echo(f"{where}: current -> {version}")
 

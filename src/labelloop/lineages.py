@@ -120,7 +120,7 @@ def migrate_layout(model_dir: Path, *, sole_project: int | None = None) -> Migra
             if candidate is None:
                 continue
             try:
-                target.set_current(candidate)
+                target.set_current(candidate, reason="migration")
                 break
             except StoreError:
                 continue
@@ -146,7 +146,7 @@ def _repoint_base(base: ModelStore) -> str | None:
     """Point the base at its newest loadable offline version, or at nothing."""
     for version in reversed(base.versions()):
         try:
-            base.set_current(version)
+            base.set_current(version, reason="migration")
             return version
         except StoreError:
             continue

@@ -54,6 +54,7 @@ MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"  # the ONNX export, checked against PyTorch when it was stored
 SPLITS_FILE = "splits.csv"  # image_id -> train/val/test of the offline run a lineage came from
 CURRENT_FILE = "current"
+HISTORY_FILE = "history.jsonl"  # one line per change of `current`
 VERSIONS_DIR = "versions"
 _VERSION_RE = re.compile(r"^v(\d+)-(\d{8}T\d{6})$")
 DEFAULT_THRESHOLD = 0.5
@@ -210,7 +211,7 @@ class ArtifactStore(Protocol):
 
     def publish(self, staged: Path, manifest: Manifest, *, make_current: bool = True) -> Path: ...
 
-    def set_current(self, version: str) -> None: ...
+    def set_current(self, version: str, *, reason: str = "promotion") -> None: ...
 
     def prune_rejected(self, *, keep: int) -> list[str]: ...
 
@@ -364,7 +365,20 @@ class ModelStore:
             pruned.append(version)
         return pruned
 
-    def set_current(self, version: str) -> None:
+    def history(self) -> list[dict[str, Any]]:
+        """Every change of `current`, oldest first: {at, version, reason} (promotion, rollback)."""
+        path = self.root / HISTORY_FILE
+        if not path.is_file():
+            return []
+        out = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                entry = json.loads(line)
+                if isinstance(entry, dict):
+                    out.append(entry)
+        return out
+
+    def set_current(self, version: str, *, reason: str = "promotion") -> None:
         """Point `current` at a version that exists and whose files check out."""
         manifest = verify_version_dir(self.version_dir(version))
         if manifest.weights_pruned:
@@ -380,6 +394,9 @@ class ModelStore:
             os.fsync(handle.fileno())
         tmp.replace(self.root / CURRENT_FILE)
         _fsync_dir(self.root)
+        # Appended after the switch: a line says what happened, never what was only intended.
+        with (self.root / HISTORY_FILE).open("a", encoding="utf-8") as log:
+            log.write(json.dumps({"at": time.time(), "version": version, "reason": reason}) + "\n")
         logger.info("current -> %s", version)
 
     def load_current(self) -> ModelBundle:

@@ -316,3 +316,28 @@ def test_oversized_request_body_is_refused_before_it_is_buffered(trained_model, 
         assert client.get("/health").status_code == 200
         small = client.post("/predict", json={"tasks": huge["tasks"][:10]})
         assert small.status_code != 413
+
+
+def test_status_of_a_project(trained_model, models, image_host, tmp_path) -> None:
+    from labelloop.loop.ledger import Ledger
+
+    _, outcome = trained_model
+    settings = settings_from({"model_dir": trained_model[0]}, {"LABEL_STUDIO_URL": image_host})
+    from fastapi.testclient import TestClient
+
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    try:
+        with TestClient(create_app(settings, models, ledger=ledger)) as c:
+            unknown = c.get("/status/projects/31")
+            assert unknown.status_code == 404 and "connect it" in unknown.json()["detail"]
+            assert c.post("/setup", json={"project": "31.1", "schema": CONFIG}).status_code == 200
+            detail = c.get("/status/projects/31").json()
+            assert detail["version"] == outcome.version and not detail["own_lineage"]
+            assert detail["trainer"] == {"state": "idle", "queued": 0}
+            assert detail["evaluation"]["source"] == "offline test split"
+            assert set(detail["evaluation"]["per_class"]) >= {"bolt", "scratch"}
+            [listed] = c.get("/status").json()["projects"]
+            assert listed["id"] == 31 and listed["version"] == outcome.version
+            assert c.get("/status/projects/0").status_code == 422
+    finally:
+        ledger.close()

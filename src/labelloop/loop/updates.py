@@ -39,6 +39,7 @@ from labelloop.loop.ledger import AnnotationLedger, Job, TrainingExample
 from labelloop.loop.priority import run_at_lower_priority
 from labelloop.ml.data import DataError, Sample, load_metadata
 from labelloop.ml.embeddings import EmbeddingCache, content_key, embed_images, embedding_space
+from labelloop.ml.evaluate import compute_metrics, pr_curve_points
 from labelloop.ml.head import (
     Head,
     extend_head,
@@ -286,7 +287,8 @@ class Updater:
 
         eval_x = np.concatenate([features[holdout], test_x])
         eval_y = np.concatenate([targets[holdout], test_y])
-        candidate_pred = predict_features(eval_x, head) >= np.asarray(thresholds)
+        candidate_probs = predict_features(eval_x, head)
+        candidate_pred = candidate_probs >= np.asarray(thresholds)
         current_pred = None
         if current is not None:
             current_pred = predictions_for(
@@ -311,6 +313,7 @@ class Updater:
             "n_failed": len(examples) - len(kept),
             "n_labelled": len(examples),
             "threshold_method": "out-of-fold" if oof is not None else "carried",
+            "evaluation": evaluation_of(eval_y, candidate_pred, candidate_probs, space.classes),
         }
         candidate = model_with_head(base.model, head)
         return self.finish(job, base, candidate, space, thresholds, metrics, decision)
@@ -447,6 +450,7 @@ class Updater:
         eval_items: list[Path | bytes] = pick(holdout) + list(offline_test)
         eval_true = np.concatenate([targets[holdout], offline_test_y])
         candidate_pred = current_pred = np.zeros((0, len(space)), dtype=bool)
+        candidate_probs = np.zeros((0, len(space)))
         if eval_items:
             self._progress(job, f"comparing with the served model on {len(eval_items)} images")
             # One loader for both models: the same items, in the same order (unshuffled).
@@ -478,6 +482,7 @@ class Updater:
             "n_labelled": len(examples),
             "best_epoch": result.best_epoch,
             "threshold_method": "validation" if val_items else "carried",
+            "evaluation": evaluation_of(eval_true, candidate_pred, candidate_probs, space.classes),
         }
         return self.finish(job, base, model, space, thresholds, metrics, decision)
 
@@ -748,6 +753,20 @@ def out_of_fold(
         head = fit_head(x[rest], y[rest], init=init, pos_weight=pos_weight, sample_weight=w[rest])
         probs[held] = predict_features(x[held], head)
     return probs
+
+
+def evaluation_of(
+    y_true: np.ndarray, y_pred: np.ndarray, y_prob: np.ndarray, classes: Sequence[str]
+) -> dict[str, Any]:
+    """The candidate on the gate's items, per class (precision, recall, F1, support, AP) and
+    its PR curves: what the project page shows of a version."""
+    metrics = compute_metrics(y_true, y_pred, y_prob, classes)
+    return {
+        "n_items": metrics["n_samples"],
+        "f1_macro": metrics.get("f1_macro"),
+        "per_class": metrics["per_class"],
+        "pr_curves": pr_curve_points(y_true, y_prob, classes) if len(y_true) else {},
+    }
 
 
 def targets_of(

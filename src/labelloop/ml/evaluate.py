@@ -158,6 +158,27 @@ def compute_metrics(
     return metrics
 
 
+def pr_curve_points(
+    y_true: np.ndarray, y_prob: np.ndarray, classes: Sequence[str], *, max_points: int = 40
+) -> dict[str, dict[str, list[float]]]:
+    """Each class's precision-recall curve as at most `max_points` (recall, precision) pairs,
+    JSON-safe and small enough to keep in a manifest and draw in a page. Classes without a
+    positive have no curve."""
+    y_true = _as_matrix(y_true, "y_true", len(classes), dtype=int)
+    y_prob = _as_matrix(y_prob, "y_prob", len(classes), dtype=float)
+    curves: dict[str, dict[str, list[float]]] = {}
+    for c, name in enumerate(classes):
+        if not y_true[:, c].any():
+            continue
+        precision, recall, _ = precision_recall_curve(y_true[:, c], y_prob[:, c])
+        keep = np.unique(np.linspace(0, len(recall) - 1, min(max_points, len(recall))).astype(int))
+        curves[str(name)] = {
+            "recall": [round(float(v), 4) for v in recall[keep]],
+            "precision": [round(float(v), 4) for v in precision[keep]],
+        }
+    return curves
+
+
 def _average_precision(y_true: np.ndarray, y_prob: np.ndarray) -> float | None:
     # AP is undefined without positives (sklearn warns and returns a meaningless value).
     if not y_true.any():

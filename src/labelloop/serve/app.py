@@ -15,7 +15,7 @@ from collections import Counter
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi import Depends, FastAPI, HTTPException, Path, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
@@ -44,6 +44,7 @@ from labelloop.runtime.projects import ProjectModels
 from labelloop.serve.events import record_event
 from labelloop.serve.metrics import PrometheusMetrics
 from labelloop.serve.settings import ServeSettings
+from labelloop.serve.status import overview, project_detail
 from labelloop.store import ModelStore, StoreError
 
 logger = logging.getLogger(__name__)
@@ -434,11 +435,11 @@ def create_app(
         metrics.count_request("status")
         body: dict[str, Any] = {
             "model_version": version_of(models.base()),
-            "projects": models.versions(),
             "loaded_models": len(models.loaded()),
             **metrics.snapshot(),
         }
         if ledger is not None:
+            body["projects"] = overview(ledger, models)["projects"]
             body["training"] = {
                 "running": trainer.current_job.to_dict()
                 if trainer and trainer.current_job
@@ -447,6 +448,20 @@ def create_app(
                 "ledger": ledger.stats(),
             }
         return body
+
+    @app.get("/status/projects/{project_id}")
+    def project_status(project_id: Annotated[int, Path(ge=1)]) -> dict[str, Any]:
+        """One project: versions over time, the served version's evaluation, jobs, rollbacks."""
+        metrics.count_request("status")
+        if ledger is None or (
+            project_id not in ledger.projects() and project_id not in models.projects()
+        ):
+            raise HTTPException(
+                status_code=404,
+                detail=f"project {project_id} is unknown here: connect it to this backend in "
+                "Label Studio (Settings > Model) first",
+            )
+        return project_detail(ledger, models, project_id)
 
     return app
 
