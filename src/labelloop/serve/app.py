@@ -15,7 +15,7 @@ from collections import Counter
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Path, Request, status
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
@@ -373,11 +373,14 @@ def create_app(
         try:
             resolve_config(request.label_config, model.classes)
         except LabelConfigError as exc:
-            if _parses(request.label_config) and (
-                project_id is None or not models.has_lineage(project_id)
+            if (
+                project_id is not None
+                and not models.has_lineage(project_id)
+                and _parses(request.label_config)
             ):
                 # A project that shares nothing with the base model starts cold: no
-                # prediction until its own first version, as with no model at all.
+                # prediction until its own first version, as with no model at all. Without a
+                # project nothing can ever learn this config: that is the 422 below.
                 return PredictResponse(results=[[] for _ in request.tasks])
             raise HTTPException(status_code=422, detail=str(exc)) from None
         results, stats = predictor.predict(
@@ -402,7 +405,7 @@ def create_app(
         return reply
 
     @app.get("/versions")
-    def versions(project: int | None = None) -> dict[str, Any]:
+    def versions(project: Annotated[int | None, Query(ge=1)] = None) -> dict[str, Any]:
         """The project's lineage (`?project=ID`), or the base model's versions."""
         metrics.count_request("versions")
         store = models.base_store if project is None else models.store(project)
