@@ -588,18 +588,111 @@ def preannotate(
             "Studio gather several steps.",
         ),
     ] = 256,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            envvar="LABELLOOP_BACKEND_URL",
+            help="A running `labelloop serve` to do the work (it has the models loaded and the "
+            "images cached) [http://127.0.0.1:9090 when one answers there].",
+        ),
+    ] = None,
+    standalone: Annotated[
+        bool,
+        typer.Option(help="Load the model in this process even when a backend is running."),
+    ] = False,
 ) -> None:
     """Predict a project's tasks and push the predictions to Label Studio in bulk.
 
-    Needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY. Reads images straight from disk where it
-    can: local-files images from LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT and uploads from
-    LABEL_STUDIO_BASE_DATA_DIR (Label Studio's data directory) when they are set.
+    Through a running backend when there is one (--backend, or one answering on
+    http://127.0.0.1:9090), else in this process, which needs LABEL_STUDIO_URL and
+    LABEL_STUDIO_API_KEY and reads images straight from disk where it can (local files from
+    LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, uploads from LABEL_STUDIO_BASE_DATA_DIR).
     """
-    from tqdm.auto import tqdm
+    url = None if standalone else _running_backend(backend)
+    if url is not None:
+        summary = _preannotate_through(url, project, all_tasks, limit, batch_size)
+    else:
+        summary = _preannotate_here(project, model_dir, all_tasks, limit, batch_size)
+    failed = ", ".join(f"{reason}: {n}" for reason, n in summary["failed"].items()) or "none"
+    seconds = summary["seconds"]
+    rate = summary["predicted"] / seconds if seconds else 0.0
+    typer.echo(
+        f"{summary['model_version']}: {summary['predicted']} predicted, {summary['skipped']} "
+        f"skipped (already predicted), failed: {failed}; {seconds:.1f} s ({rate:.1f} tasks/s)"
+    )
 
+
+_DEFAULT_BACKEND = "http://127.0.0.1:9090"
+
+
+def _backend_auth() -> tuple[str, str] | None:
+    user, password = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
+    return (user, password) if user and password else None
+
+
+def _running_backend(url: str | None) -> str | None:
+    """The backend to pre-annotate through: `url` (which must answer), or the default one
+    if a labelloop backend answers there, or None (work in this process)."""
+    import httpx
+
+    target = (url or _DEFAULT_BACKEND).rstrip("/")
+    try:
+        reply = httpx.get(f"{target}/health", auth=_backend_auth(), timeout=0.5 if not url else 5)
+        ours = reply.status_code == 200 and reply.json().get("model_class") == "labelloop"
+    except (httpx.HTTPError, ValueError):
+        ours = False
+    if ours:
+        logger.info("Pre-annotating through the backend at %s (its own models)", target)
+        return target
+    if url:
+        raise ConfigError(
+            f"no labelloop backend answers at {target}: start `labelloop serve`, check "
+            "--backend / LABELLOOP_BACKEND_URL and BASIC_AUTH_USER/PASS, or pass --standalone"
+        )
+    return None
+
+
+def _preannotate_through(
+    url: str, project: int, all_tasks: bool, limit: int | None, batch_size: int
+) -> dict[str, Any]:
+    """Ask the running backend to pre-annotate and follow its progress."""
+    import time
+
+    import httpx
+
+    from labelloop.progress import Progress
+
+    with httpx.Client(base_url=url, auth=_backend_auth(), timeout=30) as client:
+        reply = client.post(
+            "/preannotate",
+            json={"project": project, "all": all_tasks, "limit": limit, "batch_size": batch_size},
+        )
+        if reply.status_code != 202:
+            detail = (
+                reply.json().get("detail")
+                if reply.headers.get("content-type", "").startswith("application/json")
+                else reply.text
+            )
+            raise ConfigError(f"the backend at {url} refused to pre-annotate: {detail}")
+        run = reply.json()
+        with Progress("pre-annotate", unit="task") as bar:
+            while run["state"] == "running":
+                bar.update(run["done"], run["total"])
+                time.sleep(0.25)  # polling a remote job: the interval of the progress display
+                run = client.get(f"/preannotate/{run['id']}").json()
+            bar.update(run["done"], run["total"])
+    if run["state"] != "succeeded":
+        raise ConfigError(f"pre-annotation failed in the backend: {run['error']}")
+    return dict(run["summary"])
+
+
+def _preannotate_here(
+    project: int, model_dir: Path, all_tasks: bool, limit: int | None, batch_size: int
+) -> dict[str, Any]:
     from labelloop.labelstudio.client import LabelStudioClient
     from labelloop.labelstudio.label_config import LabelConfigError
     from labelloop.loop.preannotate import preannotate as run_preannotate
+    from labelloop.progress import Progress
     from labelloop.runtime.predictor import Predictor
     from labelloop.runtime.projects import ProjectModels
     from labelloop.serve.app import FetcherRegistry
@@ -617,16 +710,13 @@ def preannotate(
         )
     fetchers = FetcherRegistry(settings)
     predictor = Predictor(batch_size=settings.batch_size, workers=settings.fetch_workers)
-    bar = tqdm(total=0, unit="task", desc="pre-annotate")
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-
     try:
-        with LabelStudioClient(
-            settings.label_studio_url, settings.label_studio_api_key.get_secret_value()
-        ) as client:
+        with (
+            Progress("pre-annotate", unit="task") as bar,
+            LabelStudioClient(
+                settings.label_studio_url, settings.label_studio_api_key.get_secret_value()
+            ) as client,
+        ):
             summary = run_preannotate(
                 client,
                 project,
@@ -636,22 +726,16 @@ def preannotate(
                 missing_only=not all_tasks,
                 batch_size=batch_size,
                 limit=limit,
-                progress=progress,
+                progress=bar.update,
             )
     except LabelConfigError as exc:
         raise ConfigError(
             f"project {project}'s label config does not fit {model.version}: {exc}"
         ) from None
     finally:
-        bar.close()
         predictor.close()
         fetchers.close()
-    failed = ", ".join(f"{reason}: {n}" for reason, n in summary.failed.items()) or "none"
-    rate = summary.predicted / summary.seconds if summary.seconds else 0.0
-    typer.echo(
-        f"{summary.model_version}: {summary.predicted} predicted, {summary.skipped} skipped "
-        f"(already predicted), failed: {failed}; {summary.seconds:.1f} s ({rate:.1f} tasks/s)"
-    )
+    return summary.to_dict()
 
 
 @app.command()

@@ -35,6 +35,7 @@ from PIL import Image, ImageFilter
 from tqdm import tqdm
 
 from labelloop.dev.demo import DemoDataset, render_label_config
+from labelloop.progress import tqdm_disable
 
 logger = logging.getLogger(__name__)
 
@@ -374,7 +375,7 @@ def build_realdata(
         images_dir.mkdir(parents=True)
         rows: list[tuple[str, str, str]] = []
         layers: list[list[object]] = []
-        for i in tqdm(range(n), desc=f"{split} images", disable=not show_progress):
+        for i in tqdm(range(n), desc=f"{split} images", disable=tqdm_disable(show_progress)):
             rng = np.random.default_rng([seed, split_code, i])
             components = _sample(rng, pool.classes, _N_COMPONENTS_P)
             defects = _sample(rng, DEFECT_TEXTURES, _N_DEFECTS_P)

@@ -153,3 +153,54 @@ def test_preannotate_never_makes_label_studio_call_the_backend(project, backend)
     # The premise: a Data Manager listing does call the backend for the unpredicted tasks.
     client.list_tasks(pid, page_size=500, include=("id",))
     assert tasks_the_backend_predicted() == before + 240 - 20
+
+
+def test_preannotate_through_a_running_backend(label_studio, demo_dataset, backend_factory) -> None:
+    """The command asks the backend that is already running (models loaded, images cached) to
+    do the work: one prediction per task, of the version it serves the project, resumable."""
+    _, client = label_studio
+    pid = client.create_project(
+        "e2e preannotate via backend", demo_dataset.label_config.read_text()
+    )["id"]
+    images = sorted(demo_dataset.images_dir.glob("*.png"))[:60]
+    client.import_files(pid, images)
+    backend = backend_factory(args=("--no-refresh", "--no-rename-backend"))
+    client.connect_ml_backend(pid, backend.url, title="e2e via backend")
+    version = backend.get(f"/versions?project={pid}")["served"]
+    project = {"id": pid, "model_dir": backend.model_dir, "server": label_studio[0]}
+    before = backend.get("/status")["requests"].get("preannotate", 0)
+    assert run(project, "--backend", backend.url, "--limit", "25") == (25, 0)
+    assert run(project, "--backend", backend.url) == (35, 25)  # resumes
+    assert run(project, "--backend", backend.url) == (0, 60)
+    per_task = Counter(
+        p["task"] for p in client.predictions(project_id=pid) if p["model_version"] == version
+    )
+    assert len(per_task) == 60 and set(per_task.values()) == {1}
+    # The backend did the work (its request counter), not a process of the command's own.
+    assert backend.get("/status")["requests"]["preannotate"] >= before + 3
+
+
+def test_preannotate_through_a_backend_that_does_not_know_the_project(
+    label_studio, demo_dataset, backend
+) -> None:
+    _, client = label_studio
+    pid = client.create_project("e2e preannotate unknown", demo_dataset.label_config.read_text())[
+        "id"
+    ]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "labelloop",
+            "preannotate",
+            "--project",
+            str(pid),
+            "--backend",
+            backend.url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "never set up with this backend" in done.stderr + done.stdout

@@ -69,9 +69,7 @@ class Project:
 
     def jobs(self) -> list[dict]:
         return [
-            j
-            for j in self.backend.get("/status")["training"]["jobs"]
-            if j["project_id"] == self.id
+            j for j in self.backend.get("/status")["training"]["jobs"] if j["project_id"] == self.id
         ]
 
     def settled(self) -> bool:
@@ -153,7 +151,9 @@ def test_two_projects_have_their_own_lineages(label_studio, backend_factory, tmp
         )
     )
     base = backend.health()["model_version"]
-    a = Project(label_studio, backend, images, [truth[i.name] for i in images], config_a, "A")
+    a = Project(
+        label_studio, backend, images, [truth[i.name] for i in images], config_a, "e2e project A"
+    )
     b = Project(
         label_studio,
         backend,
@@ -163,7 +163,7 @@ def test_two_projects_have_their_own_lineages(label_studio, backend_factory, tmp
             for i in images
         ],
         renamed_config(config_a, classes),
-        "B",
+        "e2e project B",
     )
     # A is served the base model; B shares no class with it: no prediction until it learns.
     assert a.predict()[0] == {base}

@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from labelloop.progress import tqdm_disable
+
 logger = logging.getLogger(__name__)
 
 COMPONENTS: tuple[str, ...] = ("bolt", "nut", "washer", "gear", "bracket")
@@ -105,7 +107,7 @@ def generate_demo_dataset(
     _remove_stale_images(images_dir, n)
 
     rows: list[tuple[str, str, str]] = []
-    for i in tqdm(range(n), desc="demo images", unit="img", disable=not show_progress):
+    for i in tqdm(range(n), desc="demo images", unit="img", disable=tqdm_disable(show_progress)):
         # One generator per image, keyed on (seed, i), so image i never depends on n.
         rng = np.random.default_rng([seed, i])
         components, defects = _sample_labels(rng)

@@ -42,6 +42,7 @@ class PreannotateSummary:
     forward_seconds: float = 0.0
     pushes: int = 0
     cancelled: bool = False
+    first_stored_at: float | None = None  # wall clock: the first predictions were stored
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +56,7 @@ class PreannotateSummary:
             "forward_seconds": round(self.forward_seconds, 2),
             "pushes": self.pushes,
             "cancelled": self.cancelled,
+            "first_stored_at": self.first_stored_at,
         }
 
 
@@ -163,14 +165,11 @@ def preannotate(
     )
     summary.list_seconds = time.perf_counter() - started
     with _Pusher(client, project_id) as pusher:
-        for start in range(0, len(tasks), batch_size):
+        for start, end in _steps(len(tasks), batch_size, first=predictor.batch_size * 2):
             if cancel is not None and cancel.is_set():
                 summary.cancelled = True
                 break
-            chunk = [
-                Task(id=t["id"], data=t.get("data") or {})
-                for t in tasks[start : start + batch_size]
-            ]
+            chunk = [Task(id=t["id"], data=t.get("data") or {}) for t in tasks[start:end]]
             results, stats = predictor.predict(chunk, project["label_config"], fetcher, model=model)
             summary.failed.update(stats.failed)
             summary.forward_seconds += stats.forward_seconds
@@ -183,11 +182,12 @@ def preannotate(
             pusher.add(payload, stale)
             summary.predicted += len(payload)
             if progress is not None:
-                progress(min(start + batch_size, len(tasks)), len(tasks))
+                progress(end, len(tasks))
         # Also after a cancel: what was predicted is stored. A failed push fails the run; what
         # was pushed before it stays.
         pusher.finish()
         summary.pushes = pusher.pushes
+        summary.first_stored_at = pusher.first_stored_at
     if restore_live_version and summary.predicted:
         client.update_project(project_id, model_version=model.version)
     summary.seconds = time.perf_counter() - started
@@ -202,6 +202,15 @@ def preannotate(
         " (cancelled)" if summary.cancelled else "",
     )
     return summary
+
+
+def _steps(n: int, size: int, *, first: int) -> list[tuple[int, int]]:
+    """(start, end) of each step: a short first one, so the first predictions reach Label
+    Studio within a second or two whatever the step size, then steps of `size`."""
+    bounds = [0, min(n, first, size)] if n else [0]
+    while bounds[-1] < n:
+        bounds.append(min(n, bounds[-1] + size))
+    return list(zip(bounds, bounds[1:], strict=False))
 
 
 class _Pusher:
@@ -225,6 +234,7 @@ class _Pusher:
         self._stale: list[int] = []
         self._next_push_at = 0.0
         self.pushes = 0
+        self.first_stored_at: float | None = None  # wall clock, when the first push ended
 
     def __enter__(self) -> _Pusher:
         return self
@@ -268,6 +278,8 @@ class _Pusher:
         for prediction_id in stale:
             self._client.delete_prediction(prediction_id)
         ended = time.monotonic()
+        if self.first_stored_at is None:
+            self.first_stored_at = time.time()
         self._next_push_at = ended + _PUSH_SPACING * (ended - started)
 
 
@@ -428,3 +440,136 @@ class Refresher:
 
 _CONNECT_ATTEMPTS = 4
 _CONNECT_RETRY_S = 1.0
+
+
+@dataclass
+class Run:
+    """A pre-annotation the backend runs for `labelloop preannotate` (POST /preannotate)."""
+
+    id: int
+    project_id: int
+    state: str = "running"  # running, succeeded, failed
+    done: int = 0
+    total: int = 0
+    error: str | None = None
+    summary: dict[str, Any] | None = None
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "project_id": self.project_id,
+            "state": self.state,
+            "done": self.done,
+            "total": self.total,
+            "error": self.error,
+            "summary": self.summary,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+        }
+
+
+class PreannotateRuns:
+    """Pre-annotation inside the running backend: its loaded models, image cache and
+    connection pool, instead of a new process loading everything again. One run per project
+    at a time; asking again while one runs returns that run."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        client: Callable[[], LabelStudioClient | None],
+        fetcher: Callable[[], ImageFetcher],
+        model_for: Callable[[int], LoadedModel | None],
+        *,
+        keep: int = 50,
+    ) -> None:
+        self.predictor = predictor
+        self.client = client
+        self.fetcher = fetcher
+        self.model_for = model_for
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._runs: dict[int, Run] = {}
+        self._cancel = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(
+        self, project_id: int, *, missing_only: bool, limit: int | None, batch_size: int
+    ) -> Run:
+        """Start (or join) the project's run. Raises LookupError when nothing can serve it."""
+        client = self.client()
+        if client is None:
+            raise LookupError(
+                "the backend has no Label Studio URL and token: set LABEL_STUDIO_URL and "
+                "LABEL_STUDIO_API_KEY where it runs"
+            )
+        model = self.model_for(project_id)
+        if model is None:
+            client.close()
+            raise LookupError(f"no model serves project {project_id} yet")
+        with self._lock:
+            for run in self._runs.values():
+                if run.project_id == project_id and run.state == "running":
+                    client.close()
+                    return run
+            run = Run(id=max(self._runs, default=0) + 1, project_id=project_id)
+            self._runs[run.id] = run
+            for old in sorted(self._runs)[: max(0, len(self._runs) - self.keep)]:
+                if self._runs[old].state != "running":
+                    del self._runs[old]
+            thread = threading.Thread(
+                target=self._run,
+                args=(run, client, model, missing_only, limit, batch_size),
+                name=f"preannotate-{project_id}",
+                daemon=True,
+            )
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+        return run
+
+    def get(self, run_id: int) -> Run | None:
+        with self._lock:
+            return self._runs.get(run_id)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._cancel.set()
+        deadline = time.monotonic() + timeout_s
+        for thread in list(self._threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _run(
+        self,
+        run: Run,
+        client: LabelStudioClient,
+        model: LoadedModel,
+        missing_only: bool,
+        limit: int | None,
+        batch_size: int,
+    ) -> None:
+        def progress(done: int, total: int) -> None:
+            run.done, run.total = done, total
+
+        try:
+            with client:
+                summary = preannotate(
+                    client,
+                    run.project_id,
+                    self.predictor,
+                    self.fetcher(),
+                    model=model,
+                    missing_only=missing_only,
+                    batch_size=batch_size,
+                    limit=limit,
+                    cancel=self._cancel,
+                    progress=progress,
+                )
+            run.summary = summary.to_dict()
+            run.total = run.total or summary.tasks
+            run.state = "succeeded"
+        except Exception as exc:  # noqa: BLE001 - reported to the caller, the server stays up
+            logger.exception("Pre-annotating project %d failed", run.project_id)
+            run.error = f"{type(exc).__name__}: {exc}"
+            run.state = "failed"
+        finally:
+            run.finished_at = time.time()

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from labelloop.config import OptimConfig
+from labelloop.progress import tqdm_disable
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,9 @@ def cleanup_distributed(info: DistInfo) -> None:
 
 
 def _progress(iterable: Iterable, *, desc: str, total: int | None, enabled: bool) -> Iterable:
-    return tqdm(iterable, desc=desc, total=total, leave=False, disable=not enabled, unit="batch")
+    return tqdm(
+        iterable, desc=desc, total=total, leave=False, disable=tqdm_disable(enabled), unit="batch"
+    )
 
 
 def train_one_epoch(
@@ -243,7 +246,7 @@ def fit(
         desc="epochs",
         initial=start_epoch - 1,
         total=config.epochs,
-        disable=not show,
+        disable=tqdm_disable(show),
         unit="epoch",
     )
     stopped_early = False

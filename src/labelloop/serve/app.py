@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, statu
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from pydantic import BaseModel, ConfigDict, Field
 
 from labelloop import __version__
 from labelloop.labelstudio.annotations import AnnotationPayloadError
@@ -37,7 +38,7 @@ from labelloop.labelstudio.protocol import (
 from labelloop.labelstudio.urls import BaseURLError, FetchSettings, http_base_url
 from labelloop.lineages import migrate_layout, project_store, projects_with_lineage
 from labelloop.loop.ledger import AnnotationLedger, Ledger
-from labelloop.loop.preannotate import Refresher
+from labelloop.loop.preannotate import PreannotateRuns, Refresher
 from labelloop.loop.trainer import Trainer, TrainerSettings
 from labelloop.runtime.predictor import LoadedModel, Predictor, resolve_config
 from labelloop.runtime.projects import ProjectModels
@@ -178,6 +179,15 @@ class FetcherRegistry:
             self._fetchers.clear()
 
 
+class PreannotateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    project: int = Field(ge=1, le=2**63 - 1)
+    all: bool = False  # every task, not only those without a prediction of the version
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(256, ge=1, le=4096)
+
+
 def _ledger_sizes(ledger: AnnotationLedger) -> dict[str, int]:
     return {str(p): ledger.stats(p)["live"] for p in ledger.projects()}
 
@@ -240,11 +250,14 @@ def create_app(
     fetchers = fetchers or FetcherRegistry(settings)
     metrics = ServerMetrics()
 
+    runs = PreannotateRuns(predictor, fetchers.client, fetchers.current, models.serving)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         if trainer is not None:
             trainer.start()
         yield
+        runs.stop()
         if trainer is not None:
             trainer.stop()
         if refresher is not None:
@@ -451,6 +464,36 @@ def create_app(
                 "ledger": ledger.stats(),
             }
         return body
+
+    @app.post("/preannotate", status_code=202)
+    def start_preannotate(request: PreannotateRequest) -> dict[str, Any]:
+        """Pre-annotate a project with the model this backend serves it (what `labelloop
+        preannotate` asks a running backend to do); poll GET /preannotate/{id}."""
+        metrics.count_request("preannotate")
+        if ledger is not None and ledger.label_config(request.project) is None:
+            raise HTTPException(
+                status_code=409,
+                detail=f"project {request.project} was never set up with this backend: connect "
+                "it in Label Studio (Settings > Model) first",
+            )
+        try:
+            run = runs.start(
+                request.project,
+                missing_only=not request.all,
+                limit=request.limit,
+                batch_size=request.batch_size,
+            )
+        except LookupError as exc:
+            raise HTTPException(status_code=409, detail=str(exc)) from None
+        return run.to_dict()
+
+    @app.get("/preannotate/{run_id}")
+    def preannotate_progress(run_id: Annotated[int, Path(ge=1)]) -> dict[str, Any]:
+        metrics.count_request("preannotate")
+        run = runs.get(run_id)
+        if run is None:
+            raise HTTPException(status_code=404, detail=f"no pre-annotation run {run_id} here")
+        return run.to_dict()
 
     @app.get("/status/projects/{project_id}")
     def project_status(project_id: Annotated[int, Path(ge=1)]) -> dict[str, Any]:
