@@ -13,7 +13,7 @@ uncertainty of the difference, so a decision on 12 tasks is not read like one on
   with so few items a real improvement and noise look alike, and more labels usually help.
 
 Every decision comes back as a dict with its numbers and a sentence saying why, stored on the
-job and shown by `labelloop status` and `/metrics`.
+job and shown by `labelloop status` and `/status`.
 """
 
 from __future__ import annotations

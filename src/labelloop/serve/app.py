@@ -449,8 +449,10 @@ def create_app(
     def server_status() -> dict[str, Any]:
         """What the backend is doing, as JSON (Prometheus' text format is at /metrics)."""
         metrics.count_request("status")
+        base = models.base()
         body: dict[str, Any] = {
-            "model_version": version_of(models.base()),
+            "model_version": version_of(base),
+            "runtime": base.runner.name if base is not None else None,
             "loaded_models": len(models.loaded()),
             **metrics.snapshot(),
         }
