@@ -502,3 +502,60 @@ def test_full_updates_are_queued_without_a_button_as_the_labels_grow(setup, demo
     ledger.upsert(records(demo_dataset, 40, start=70))
     off.queue_due_jobs()
     assert [j.kind for j in ledger.pending_jobs()] == ["fast"]
+
+
+def test_projects_take_turns(setup) -> None:
+    _, _, ledger, make = setup
+    trainer = make()
+    busy = [ledger.create_job(PROJECT, kind, "auto") for kind in ("fast", "full")]
+    quiet = ledger.create_job(PROJECT + 1, "fast", "auto")
+    # Nobody ran yet: the oldest job first.
+    assert trainer.next_job().id == busy[0].id
+    trainer._last_ran[PROJECT] = time.time()  # what run() records when a job of it starts
+    ledger.update_job(busy[0].id, state="succeeded")
+    # The busy project's next job waits for the project that has not had a turn.
+    assert trainer.next_job().id == quiet.id
+    ledger.update_job(quiet.id, state="succeeded")
+    assert trainer.next_job().id == busy[1].id
+
+
+def test_a_second_project_with_another_config_learns_without_touching_the_first(
+    setup, demo_dataset
+) -> None:
+    model_dir, models, ledger, make = setup
+    other = PROJECT + 1
+    # Other control names, other choices: nothing maps onto the base model's classes.
+    ledger.set_label_config(
+        other,
+        '<View><Image name="image" value="$image"/><Choices name="kind" toName="image" '
+        'choice="multiple"><Choice value="metal"/><Choice value="plain"/></Choices></View>',
+    )
+
+    def kind(labels):
+        return {"kind": ("metal",) if labels["components"] else ("plain",)}
+
+    ledger.upsert(
+        [
+            AnnotationRecord(**{**r.__dict__, "project_id": other})
+            for r in records(demo_dataset, 30, relabel=kind)
+        ]
+    )
+    base_before = models.serving(PROJECT)
+    files_before = sorted(p.name for p in (model_dir / "versions").iterdir())
+    trainer = make(tolerance=1.0, cold_start_weights="none", cold_start_image_size=32)
+    [job] = trainer.request(other, ["fast"], "start_training")
+    trainer.start()
+    try:
+        done = wait_for_job(ledger, job.id)
+    finally:
+        trainer.stop()
+    assert done.state == "succeeded", done.error
+    own = models.serving(other)
+    assert own.version == done.promoted_version
+    assert own.bundle.label_space.as_dict() == {"kind": ["metal", "plain"]}  # a cold start
+    lineage = models.store(other).manifest(own.version).training_config["incremental"]
+    assert lineage["parent_lineage"] == "cold-start"
+    # The first project is still served the same base model object, whose folder is untouched.
+    assert models.serving(PROJECT) is base_before
+    assert sorted(p.name for p in (model_dir / "versions").iterdir()) == files_before
+    assert not models.has_lineage(PROJECT)

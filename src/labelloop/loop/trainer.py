@@ -151,7 +151,16 @@ class Trainer:
                     if config:
                         self.ledger.set_label_config(project_id, config)
         except LabelStudioAPIError as exc:
-            logger.warning("Reconciling project %d with Label Studio failed: %s", project_id, exc)
+            if exc.status == 404:
+                logger.warning(
+                    "Project %d is not in Label Studio (deleted?): nothing to reconcile; its "
+                    "annotations and model lineage stay where they are",
+                    project_id,
+                )
+            else:
+                logger.warning(
+                    "Reconciling project %d with Label Studio failed: %s", project_id, exc
+                )
             return None
         records = [
             record_from_task_annotation(project_id, task, annotation, config)
