@@ -1,7 +1,7 @@
 """Progress for people and for log collectors: a bar on a terminal, plain lines elsewhere.
 
 A bar redrawn with carriage returns is noise in a file or a container log, so off a TTY the
-same progress is a log line at most every `_EVERY_S` seconds and one at the end.
+same progress is a log line at each tenth of the work and one at the end.
 """
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ from types import TracebackType
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
-
-_EVERY_S = 10.0
-
 
 def tqdm_disable(show: bool) -> bool | None:
     """tqdm's `disable` for a bar the caller wants shown: None lets tqdm hide it off a TTY."""
@@ -33,7 +30,7 @@ class Progress:
             tqdm(total=0, desc=desc, unit=unit) if sys.stderr.isatty() else None
         )
         self._started = time.monotonic()
-        self._last_line = self._started
+        self._tenth = 0  # tenths of the work already said
         self._done = 0
         self._total = 0
 
@@ -57,9 +54,9 @@ class Progress:
             self._bar.total = total
             self._bar.update(done - self._bar.n)
             return
-        now = time.monotonic()
-        if now - self._last_line >= _EVERY_S:
-            self._last_line = now
+        tenth = 10 * done // total if total else 0
+        if tenth > self._tenth and done < total:
+            self._tenth = tenth
             self._line()
 
     def _line(self) -> None:

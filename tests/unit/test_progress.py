@@ -10,17 +10,16 @@ import labelloop.progress as progress
 from labelloop.loop.preannotate import _steps
 
 
-def test_off_a_terminal_progress_is_a_few_plain_lines(monkeypatch, caplog, capsys) -> None:
-    clock = iter(float(t) for t in range(0, 1000, 3))
-    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+def test_off_a_terminal_progress_is_a_line_per_tenth(caplog, capsys) -> None:
     with caplog.at_level(logging.INFO, logger="labelloop.progress"):
         with progress.Progress("pre-annotate", unit="task") as bar:
-            for done in range(0, 101, 10):
-                bar.update(done, 100)
+            for done in range(0, 1001, 5):
+                bar.update(done, 1000)
     lines = [r.getMessage() for r in caplog.records]
-    # One line per 10 s of work (3 s a step here) and one at the end, never a bar.
-    assert 2 <= len(lines) <= 5, lines
-    assert lines[-1].startswith("pre-annotate: 100/100 tasks")
+    # 10 %, 20 %, ... 90 %, then the end: never a bar, never a line per update.
+    assert len(lines) == 10, lines
+    assert lines[0].startswith("pre-annotate: 100/1000 tasks")
+    assert lines[-1].startswith("pre-annotate: 1000/1000 tasks")
     assert "\r" not in capsys.readouterr().err
 
 
