@@ -165,6 +165,12 @@ def test_two_projects_have_their_own_lineages(label_studio, backend_factory, tmp
         renamed_config(config_a, classes),
         "e2e project B",
     )
+    # A's entry is named after the version it is served from the first connect on.
+    wait_until(
+        lambda: a.client.get_ml_backend(a.ml["id"])["title"] == base,
+        timeout_s=60,
+        what="A's backend entry to be named after the base model",
+    )
     # A is served the base model; B shares no class with it: no prediction until it learns.
     assert a.predict()[0] == {base}
     assert b.predict() == (set(), [])
