@@ -44,6 +44,7 @@ from labelloop.runtime.predictor import LoadedModel, Predictor, resolve_config
 from labelloop.runtime.projects import ProjectModels
 from labelloop.serve.events import record_event
 from labelloop.serve.metrics import PrometheusMetrics
+from labelloop.serve.page import install_page
 from labelloop.serve.settings import ServeSettings
 from labelloop.serve.status import overview, project_detail
 from labelloop.store import ModelStore, StoreError
@@ -511,6 +512,7 @@ def create_app(
             )
         return project_detail(ledger, models, project_id)
 
+    install_page(app, ledger=ledger, models=models)
     return app
 
 
