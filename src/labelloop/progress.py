@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
+
 def tqdm_disable(show: bool) -> bool | None:
     """tqdm's `disable` for a bar the caller wants shown: None lets tqdm hide it off a TTY."""
     return None if show else True

@@ -263,8 +263,7 @@ def test_deletions_leave_the_training_set(world, annotated) -> None:
         client.delete_annotation(annotation["id"])
     stats = wait_until(
         lambda: (
-            (s := backend.get("/status")["training"]["ledger"])["training_tasks"]
-            == N_ANNOTATED - 1
+            (s := backend.get("/status")["training"]["ledger"])["training_tasks"] == N_ANNOTATED - 1
             and s
         ),
         timeout_s=30,
