@@ -570,7 +570,14 @@ def serve(
 @_user_errors
 def preannotate(
     project: Annotated[int, typer.Option("--project", min=1, help="Label Studio project id.")],
-    model_dir: ModelDirOpt,
+    model_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--model-dir",
+            envvar="MODEL_DIR",
+            help="Where versions are kept (MODEL_DIR); only without a running backend.",
+        ),
+    ] = None,
     all_tasks: Annotated[
         bool,
         typer.Option(
@@ -611,6 +618,11 @@ def preannotate(
     url = None if standalone else _running_backend(backend)
     if url is not None:
         summary = _preannotate_through(url, project, all_tasks, limit, batch_size)
+    elif model_dir is None:
+        raise ConfigError(
+            "no labelloop backend is running here: pass --backend URL, or --model-dir "
+            "(MODEL_DIR) to pre-annotate in this process"
+        )
     else:
         summary = _preannotate_here(project, model_dir, all_tasks, limit, batch_size)
     failed = ", ".join(f"{reason}: {n}" for reason, n in summary["failed"].items()) or "none"
@@ -736,6 +748,72 @@ def _preannotate_here(
         predictor.close()
         fetchers.close()
     return summary.to_dict()
+
+
+@app.command()
+@_user_errors
+def review(
+    project: Annotated[int, typer.Option("--project", min=1, help="Label Studio project id.")],
+    model_dir: ModelDirOpt,
+    top: Annotated[int, typer.Option(min=1, help="Show the K most suspect labels.")] = 20,
+    fmt: Annotated[
+        str, typer.Option("--format", help="table, json (a list of objects) or csv.")
+    ] = "table",
+) -> None:
+    """Annotations the model disagrees with, most suspect first.
+
+    Each labelled task is predicted by a head fitted without it (out of fold, on the served
+    backbone's embeddings); a label annotated present that the model is sure is absent, or the
+    reverse, is flagged. Reads the backend's ledger in MODEL_DIR and the task images as the
+    server does (LABEL_STUDIO_URL / _API_KEY, LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT)."""
+    if fmt not in ("table", "json", "csv"):
+        raise ConfigError(f"--format must be table, json or csv, got {fmt!r}")
+    from labelloop.labelstudio.urls import ImageFetchError
+    from labelloop.loop.ledger import Ledger
+    from labelloop.loop.review import NothingToReview, format_flags, review_project
+    from labelloop.ml.embeddings import EmbeddingCache
+    from labelloop.runtime.projects import ProjectModels
+    from labelloop.serve.app import FetcherRegistry
+    from labelloop.serve.settings import settings_from
+    from labelloop.store import load_bundle
+
+    ledger_path = model_dir / "ledger.sqlite3"
+    if not ledger_path.is_file():
+        raise ConfigError(f"{model_dir} has no ledger: the backend has received no annotation")
+    _lineages(model_dir)
+    models = ProjectModels(model_dir)
+    store = models.store(project) if models.has_lineage(project) else models.base_store
+    version = store.current_version()
+    if version is None:
+        raise StoreError(f"no model serves project {project}: train one first")
+    bundle = load_bundle(store.version_dir(version))
+    settings = settings_from({"model_dir": model_dir})
+    fetchers = FetcherRegistry(settings)
+    fetcher = fetchers.current()
+
+    def fetch(example: Any) -> bytes | None:
+        try:
+            return fetcher.fetch_bytes(example.image_ref, task_id=example.task_id)
+        except ImageFetchError as exc:
+            logger.warning("Task %s left out of the review: %s", example.task_id, exc.reason)
+            return None
+
+    ledger = Ledger(ledger_path)
+    try:
+        flags = review_project(
+            ledger,
+            project,
+            bundle,
+            fetch,
+            EmbeddingCache(model_dir / "cache" / "embeddings.sqlite3"),
+            top=top,
+        )
+    except NothingToReview as exc:
+        raise ConfigError(str(exc)) from None
+    finally:
+        ledger.close()
+        fetchers.close()
+    typer.echo(format_flags(flags, fmt))  # type: ignore[arg-type]
 
 
 @app.command()
