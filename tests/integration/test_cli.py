@@ -275,3 +275,76 @@ def test_versions_and_rollback_of_a_project_lineage(trained_model, tmp_path: Pat
     assert f"* {names[0]}" in invoke("versions", "--model-dir", model_dir, "--project", "5").output
     bad = invoke("rollback", base, "--model-dir", model_dir, "--project", "5")
     assert bad.exit_code == 2 and "no version" in bad.output
+
+
+def test_review_lists_suspect_annotations_as_json(trained_model, demo_dataset, tmp_path) -> None:
+    import csv
+    import json
+    import shutil
+
+    from labelloop.labelstudio.annotations import AnnotationRecord
+    from labelloop.loop.ledger import Ledger
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(trained_model[0], model_dir)
+    with demo_dataset.metadata_csv.open() as handle:
+        rows = list(csv.DictReader(handle))[:60]
+    config = demo_dataset.label_config.read_text()
+    with Ledger(model_dir / "ledger.sqlite3") as ledger:
+        ledger.set_label_config(3, config)
+        ledger.upsert(
+            [
+                AnnotationRecord(
+                    3,
+                    100 + i,
+                    1 + i,
+                    f"/data/local-files/?d=images/{row['image_id']}",
+                    {
+                        g: tuple(x for x in row[g].split(";") if x)
+                        for g in ("components", "defects")
+                    },
+                    "2026-12-02T00:00:00Z",
+                    False,
+                    False,
+                    1,
+                )
+                for i, row in enumerate(rows)
+            ]
+        )
+        annotated = {t.task_id: t.labels for t in ledger.training_set(3)}
+    env = {
+        "LABEL_STUDIO_URL": "http://127.0.0.1:1",
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(demo_dataset.root),
+    }
+    result = runner.invoke(
+        app,
+        [
+            "review",
+            "--project",
+            "3",
+            "--model-dir",
+            str(model_dir),
+            "--top",
+            "5",
+            "--format",
+            "json",
+        ],
+        env=env,
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    flags = json.loads(result.stdout)
+    assert 0 < len(flags) <= 5
+    assert [f["score"] for f in flags] == sorted((f["score"] for f in flags), reverse=True)
+    for flag in flags:
+        # Each flag is an annotation as the ledger holds it, which the model contradicts.
+        assert (flag["label"] in annotated[flag["task_id"]][flag["control"]]) is flag["annotated"]
+        assert (flag["probability"] < 0.5) is flag["annotated"]
+    table = runner.invoke(
+        app, ["review", "--project", "3", "--model-dir", str(model_dir), "--top", "3"], env=env
+    )
+    assert "task" in table.output.lower()
+    unknown = runner.invoke(
+        app, ["review", "--project", "9", "--model-dir", str(model_dir)], env=env
+    )
+    assert unknown.exit_code == 2 and "project 9" in unknown.output
