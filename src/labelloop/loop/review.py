@@ -1,0 +1,463 @@
+"""Label review: the annotations the model disagrees with, most confident disagreement first.
+
+Every labelled image is predicted by a logistic head fitted on cached backbone features *without
+that image* (out-of-fold, the fast update's `out_of_fold`), so a wrong label cannot vouch for
+itself. Each (image, class) entry is then judged as in confident learning (Northcutt et al.,
+2021), one class at a time, with per-class self-confidence thresholds:
+
+* t_present(c): the mean out-of-fold probability of c over the images labelled with c;
+* t_absent(c): the mean of 1 - p over the images labelled without c.
+
+An entry labelled present is suspect when the model's 1 - p reaches t_absent(c) (and beats p
+when p also reaches t_present(c)); an entry labelled absent, when p reaches t_present(c) (and
+beats 1 - p when 1 - p also reaches t_absent(c)). Per-class thresholds are what makes one rule
+fit a rare class whose probabilities never get near 1 and a common one that is always sure.
+Suspects are ranked by their score (`Scoring`); docs/review.md has the method, its limits and
+the measurement that chose the default.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+from labelloop.labelstudio.label_config import (
+    ChoicesControl,
+    LabelConfigError,
+    parse_label_config,
+)
+from labelloop.loop.ledger import AnnotationLedger, TrainingExample
+from labelloop.loop.updates import label_space_for, out_of_fold, targets_of
+from labelloop.ml.embeddings import EmbeddingCache, embed_images
+from labelloop.ml.head import Head
+from labelloop.store import ModelBundle
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_FOLDS",
+    "DEFAULT_SCORING",
+    "FORMATS",
+    "MIN_PER_CLASS",
+    "SCORINGS",
+    "Flag",
+    "Format",
+    "NothingToReview",
+    "Scoring",
+    "class_thresholds",
+    "format_flags",
+    "oof_probabilities",
+    "review",
+    "review_project",
+    "suspects",
+]
+
+# As the fast update (TrainerSettings.folds). Ten folds, each head fitted on 90 % instead of
+# 80 %, ranked no better on the benchmark's data (bench/label_review.py --folds 10) and cost
+# twice the fits.
+DEFAULT_FOLDS = 5
+# A class is reviewed only with this many images labelled with it and as many without: each
+# held-out image of it is then predicted from at least 4 others of its kind, and with 5 folds
+# all of them landing in one fold (a class the fold's head never saw) is all but impossible.
+# With fewer, "the model is sure it is absent" says only that the class is not learnt yet.
+MIN_PER_CLASS = 5
+
+Scoring = Literal["probability", "margin", "scaled_margin"]
+# How sure the model is of the opposite of the annotation, p_opp, against that class's
+# threshold t_opp: "probability" is p_opp itself (|p - y|), "margin" is p_opp - t_opp,
+# "scaled_margin" is how much of the way from the threshold to certainty p_opp has gone,
+# (p_opp - t_opp) / (1 - t_opp). bench/label_review.py compares them: "probability" ranks
+# flipped labels best with both backbones and both readings of "10 % flipped". The margins
+# favour classes with low thresholds, which are the classes the model knows least, where a
+# disagreement is more often the model's own mistake (docs/review.md).
+SCORINGS: tuple[Scoring, ...] = ("probability", "margin", "scaled_margin")
+DEFAULT_SCORING: Scoring = "probability"
+
+Format = Literal["table", "json", "csv"]
+FORMATS: tuple[Format, ...] = ("table", "json", "csv")
+_FIELDS = ("task_id", "control", "label", "annotated", "probability", "score")
+# Table columns of free text are cut to this width, so a row fits in 80 columns.
+_TEXT_WIDTH = 16
+
+
+class NothingToReview(ValueError):
+    """There is nothing the review can judge yet; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One suspect annotation: `label` of `control` on task `task_id` is annotated present
+    (`annotated` True) or absent, while the out-of-fold `probability` that it is present says
+    the opposite; `score` ranks the flags (higher: more confident disagreement)."""
+
+    task_id: int
+    control: str
+    label: str
+    annotated: bool
+    probability: float
+    score: float
+
+
+def oof_probabilities(
+    features: np.ndarray, targets: np.ndarray, *, folds: int = DEFAULT_FOLDS
+) -> np.ndarray:
+    """(n, C) probabilities, each row from a head fitted without it (`out_of_fold`)."""
+    x, y = _check(features, targets)
+    n, n_classes = y.shape
+    if folds < 2:
+        raise ValueError(f"folds must be at least 2, got {folds}")
+    # Not the served head as the start: it was fitted on these very labels, and L-BFGS stopped
+    # early could keep some of what it learnt from the label being judged. The problem is
+    # convex, so the start changes the iterations needed, not the solution.
+    start = Head(np.zeros((n_classes, x.shape[1]), np.float32), np.zeros(n_classes, np.float32))
+    # Unweighted classes: confident learning needs probabilities, and class weights would
+    # inflate those of rare classes; the per-class thresholds already handle imbalance.
+    probs = out_of_fold(
+        x,
+        y,
+        np.ones(n, np.float32),
+        init=start,
+        pos_weight=np.ones(n_classes, np.float32),
+        folds=folds,
+    )
+    if probs is None:
+        raise NothingToReview(
+            f"the review needs at least {2 * folds} labelled images for {folds} folds, got {n}"
+        )
+    return probs
+
+
+def class_thresholds(probs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per class: t_present (mean p over the labelled positives) and t_absent (mean 1 - p over
+    the labelled negatives); NaN for a class without positives or negatives."""
+    p, y = _check_probs(probs, targets)
+    positive = y > 0.5
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t_present = (p * positive).sum(axis=0) / positive.sum(axis=0)
+        t_absent = ((1.0 - p) * ~positive).sum(axis=0) / (~positive).sum(axis=0)
+    return t_present, t_absent
+
+
+def suspects(
+    probs: np.ndarray,
+    targets: np.ndarray,
+    classes: Sequence[str],
+    controls: Sequence[str],
+    task_ids: Sequence[int],
+    *,
+    scoring: Scoring = DEFAULT_SCORING,
+    min_per_class: int = MIN_PER_CLASS,
+    top: int | None = None,
+) -> list[Flag]:
+    """The confident-learning suspects among out-of-fold `probs`, best first.
+
+    `classes[c]` is column c's label and `controls[c]` the Label Studio control it belongs
+    to. A class with fewer than `min_per_class` images labelled with it, or without it, is
+    skipped with a warning (it cannot be told from a class not learnt yet); NothingToReview
+    when every class is skipped.
+    """
+    p, y = _check_probs(probs, targets)
+    n, n_classes = y.shape
+    _check_options(y.shape, classes, controls, task_ids, scoring, min_per_class, top)
+
+    positive = y > 0.5
+    n_pos = positive.sum(axis=0)
+    reviewed = (n_pos >= min_per_class) & (n - n_pos >= min_per_class)
+    skipped = [
+        f"{controls[c]}/{classes[c]} ({n_pos[c]} of {n} with it)"
+        for c in range(n_classes)
+        if not reviewed[c]
+    ]
+    if skipped:
+        logger.warning(
+            "Label review skips %s: fewer than %d images labelled with or without them",
+            ", ".join(skipped),
+            min_per_class,
+        )
+    if not reviewed.any():
+        raise NothingToReview(
+            f"no class has {min_per_class} images labelled with it and {min_per_class} without "
+            f"it among the {n} labelled images ({', '.join(skipped)})"
+        )
+
+    t_present, t_absent = class_thresholds(p, y)
+    # Per entry: the probability of the annotation's opposite and of the annotation itself,
+    # and the thresholds that go with each.
+    p_opp = np.where(positive, 1.0 - p, p)
+    p_own = 1.0 - p_opp
+    t_opp = np.where(positive, t_absent, t_present)
+    t_own = np.where(positive, t_present, t_absent)
+    # Confident learning's rule: the opposite reaches its class threshold, and wins the argmax
+    # when the annotation reaches its own threshold as well.
+    suspect = (p_opp >= t_opp) & ((p_own < t_own) | (p_opp > p_own)) & reviewed
+    score = _score(scoring, p_opp, t_opp)
+
+    rows, cols = np.nonzero(suspect)
+    # Stable ties (task, then class order) so the same inputs always give the same list.
+    order = sorted(range(len(rows)), key=lambda k: (-score[rows[k], cols[k]], rows[k], cols[k]))
+    if top is not None:
+        order = order[:top]
+    return [
+        Flag(
+            task_id=int(task_ids[rows[k]]),
+            control=controls[cols[k]],
+            label=classes[cols[k]],
+            annotated=bool(positive[rows[k], cols[k]]),
+            probability=float(p[rows[k], cols[k]]),
+            score=float(score[rows[k], cols[k]]),
+        )
+        for k in order
+    ]
+
+
+def review(
+    features: np.ndarray,
+    targets: np.ndarray,
+    classes: Sequence[str],
+    controls: Sequence[str],
+    task_ids: Sequence[int],
+    *,
+    folds: int = DEFAULT_FOLDS,
+    scoring: Scoring = DEFAULT_SCORING,
+    min_per_class: int = MIN_PER_CLASS,
+    top: int | None = None,
+) -> list[Flag]:
+    """Suspect annotations of `features` (n, d) labelled `targets` (n, C of 0/1), best first:
+    `oof_probabilities`, then `suspects`."""
+    # Inconsistent arguments fail before the fits, not after.
+    _check_options(np.shape(targets), classes, controls, task_ids, scoring, min_per_class, top)
+    probs = oof_probabilities(features, targets, folds=folds)
+    return suspects(
+        probs,
+        targets,
+        classes,
+        controls,
+        task_ids,
+        scoring=scoring,
+        min_per_class=min_per_class,
+        top=top,
+    )
+
+
+def review_project(
+    ledger: AnnotationLedger,
+    project_id: int,
+    bundle: ModelBundle,
+    fetch: Callable[[TrainingExample], bytes | None],
+    embeddings: EmbeddingCache,
+    *,
+    top: int | None = None,
+    folds: int = DEFAULT_FOLDS,
+    scoring: Scoring = DEFAULT_SCORING,
+    min_per_class: int = MIN_PER_CLASS,
+    workers: int = 8,
+) -> list[Flag]:
+    """Suspect annotations of a project, best first, with `bundle`'s backbone as the features.
+
+    The project's annotations are what the training set holds (`training_set`: the winning
+    annotation of each task), held-out tasks included: the review trains nothing that is
+    served, and a wrong label is as wrong on a held-out task, where it skews the gate. `fetch`
+    returns an example's image bytes, or None when it cannot (that task is left out).
+    Embeddings come from `embeddings` where cached, as in the fast update.
+    """
+    # A bad option fails before the images are fetched, not after.
+    _check_settings(scoring, min_per_class, top)
+    config_xml = ledger.label_config(project_id)
+    if config_xml is None:
+        raise NothingToReview(f"the label config of project {project_id} is not known yet")
+    try:
+        config = parse_label_config(config_xml)
+    except LabelConfigError as exc:
+        raise NothingToReview(
+            f"the label config of project {project_id} is unusable: {exc}"
+        ) from exc
+    examples = ledger.training_set(project_id)
+    if not examples:
+        raise NothingToReview(f"project {project_id} has no annotations yet")
+    control_names = [c.name for c in config.controls]
+    space = label_space_for(bundle.label_space, config.controls, examples)
+    control_of = _control_of_class(config.controls, examples)
+    # Classes of the model that no control of this project can label are not the project's.
+    columns = [i for i, name in enumerate(space.classes) if name in control_of]
+
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="review-fetch") as pool:
+        fetched = list(pool.map(fetch, examples))
+    pairs = [(e, d) for e, d in zip(examples, fetched, strict=True) if d is not None]
+    features, failed = embed_images(bundle, [(str(e.task_id), d) for e, d in pairs], embeddings)
+    failed_keys = set(failed)
+    kept = [e for e, _ in pairs if str(e.task_id) not in failed_keys]
+    if len(kept) < len(examples):
+        logger.warning(
+            "Label review of project %d leaves out %d of %d tasks whose image could not be "
+            "fetched or decoded",
+            project_id,
+            len(examples) - len(kept),
+            len(examples),
+        )
+    if not kept:
+        raise NothingToReview(
+            f"none of the {len(examples)} annotated images of project {project_id} could be read"
+        )
+    targets = targets_of(space, kept, control_names)[:, columns]
+    classes = [space.classes[i] for i in columns]
+    return review(
+        features,
+        targets,
+        classes,
+        [control_of[name] for name in classes],
+        [e.task_id for e in kept],
+        folds=folds,
+        scoring=scoring,
+        min_per_class=min_per_class,
+        top=top,
+    )
+
+
+def format_flags(flags: Sequence[Flag], fmt: Format = "table") -> str:
+    """The flags as an aligned text table (80 columns), a JSON list of objects, or CSV."""
+    if fmt == "json":
+        return json.dumps([_record(f) for f in flags], indent=2)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for flag in flags:
+            writer.writerow({**_record(flag), "annotated": str(flag.annotated).lower()})
+        return buffer.getvalue()
+    if fmt == "table":
+        return _table(flags)
+    raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check(features: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(features, dtype=np.float32)
+    y = np.asarray(targets, dtype=np.float32)
+    if x.ndim != 2 or y.ndim != 2:
+        raise ValueError(
+            f"features must be (n, d) and targets (n, n_classes); got shapes {x.shape} and "
+            f"{y.shape}"
+        )
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{x.shape[0]} feature rows but {y.shape[0]} target rows")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("targets must be 0 or 1: the review judges annotations, not soft labels")
+    return x, y
+
+
+def _check_options(
+    shape: tuple[int, ...],
+    classes: Sequence[str],
+    controls: Sequence[str],
+    task_ids: Sequence[int],
+    scoring: str,
+    min_per_class: int,
+    top: int | None,
+) -> None:
+    if len(shape) != 2:
+        raise ValueError(f"targets must be (n, n_classes), got shape {shape}")
+    n, n_classes = shape
+    if len(classes) != n_classes or len(controls) != n_classes:
+        raise ValueError(
+            f"{n_classes} target columns but {len(classes)} classes and {len(controls)} controls"
+        )
+    if len(task_ids) != n:
+        raise ValueError(f"{n} target rows but {len(task_ids)} task ids")
+    _check_settings(scoring, min_per_class, top)
+
+
+def _check_settings(scoring: str, min_per_class: int, top: int | None) -> None:
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {list(SCORINGS)}, got {scoring!r}")
+    if top is not None and top < 1:
+        raise ValueError(f"top must be at least 1, got {top}")
+    if min_per_class < 1:
+        raise ValueError(f"min_per_class must be at least 1, got {min_per_class}")
+
+
+def _check_probs(probs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    p, y = _check(probs, targets)
+    if p.shape != y.shape:
+        raise ValueError(f"probabilities {p.shape} and targets {y.shape} differ in shape")
+    if not (np.isfinite(p).all() and ((p >= 0) & (p <= 1)).all()):
+        raise ValueError("probabilities must lie in [0, 1]")
+    return p, y
+
+
+def _score(scoring: Scoring, p_opp: np.ndarray, t_opp: np.ndarray) -> np.ndarray:
+    if scoring == "probability":
+        return p_opp
+    if scoring == "margin":
+        return p_opp - t_opp
+    # A threshold of 1 leaves no room above it; only p_opp == 1 reaches it and scores 0.
+    return (p_opp - t_opp) / np.maximum(1.0 - t_opp, 1e-6)
+
+
+def _control_of_class(
+    controls: Sequence[ChoicesControl], examples: Sequence[TrainingExample]
+) -> dict[str, str]:
+    """Label -> the control that offers it (the config's choices, then what annotations used):
+    the name the annotator finds it under in Label Studio."""
+    owner: dict[str, str] = {}
+    for control in controls:
+        for choice in control.choices:
+            owner.setdefault(choice, control.name)
+    names = {c.name for c in controls}
+    for example in examples:
+        for control_name, labels in example.labels.items():
+            if control_name in names:
+                for label in labels:
+                    owner.setdefault(label, control_name)
+    return owner
+
+
+def _record(flag: Flag) -> dict[str, object]:
+    # Four decimals: more would only be the fit's noise.
+    return {
+        **asdict(flag),
+        "probability": round(flag.probability, 4),
+        "score": round(flag.score, 4),
+    }
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= _TEXT_WIDTH else text[: _TEXT_WIDTH - 1] + "…"
+
+
+def _table(flags: Sequence[Flag]) -> str:
+    if not flags:
+        return "No suspect labels: the model agrees with every annotation it can judge.\n"
+    header = ("#", "task", "control", "label", "annotated", "p(present)", "score")
+    rows = [
+        (
+            str(rank),
+            str(f.task_id),
+            _cut(f.control),
+            _cut(f.label),
+            "present" if f.annotated else "absent",
+            f"{f.probability:.3f}",
+            f"{f.score:.3f}",
+        )
+        for rank, f in enumerate(flags, 1)
+    ]
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    # Numbers right-aligned, text left-aligned.
+    right = {0, 1, 5, 6}
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(header), *(line(r) for r in rows)]) + "\n"
