@@ -813,7 +813,8 @@ def review(
     finally:
         ledger.close()
         fetchers.close()
-    typer.echo(format_flags(flags, fmt))  # type: ignore[arg-type]
+    text = format_flags(flags, fmt)  # type: ignore[arg-type]
+    typer.echo(text, nl=not text.endswith("\n"))
 
 
 @app.command()

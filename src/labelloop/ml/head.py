@@ -126,7 +126,7 @@ def fit_head(
     be written back into the network. Without `init` the start is W = 0 and the bias at each
     class's log-odds, so the fit involves no randomness at all.
     """
-    x, y = _check_training_data(features, targets)
+    x, y = check_training_data(features, targets)
     n_classes, dim = y.shape[1], x.shape[1]
     if init is not None and (init.n_classes, init.dim) != (n_classes, dim):
         raise ValueError(
@@ -207,7 +207,7 @@ def _lbfgs(
     return Head(weight.detach().numpy(), bias.detach().numpy()), n_iter, final
 
 
-def _check_training_data(
+def check_training_data(
     features: np.ndarray, targets: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(features, dtype=np.float32)
