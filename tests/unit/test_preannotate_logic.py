@@ -162,3 +162,47 @@ def test_a_failed_push_fails_the_run() -> None:
         pusher.add([{"task": 1}], stale=[])
         with pytest.raises(RuntimeError, match="Label Studio said no"):
             pusher.finish()
+
+
+def test_a_setup_never_cancels_a_running_refresh(monkeypatch) -> None:
+    """Label Studio sends /setup before every batch of predictions; the rename it asks for
+    must not cancel the refresh a promotion started (which renames the entry itself)."""
+    import threading
+    from types import SimpleNamespace
+
+    import labelloop.loop.preannotate as module
+
+    started, release = threading.Event(), threading.Event()
+    seen: list[threading.Event] = []
+
+    def slow_preannotate(*args, cancel, **kwargs):
+        seen.append(cancel)
+        started.set()
+        assert release.wait(10)
+        return SimpleNamespace()
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(module, "preannotate", slow_preannotate)
+    monkeypatch.setattr(module, "rename_backend", lambda *args: True)
+    model = SimpleNamespace(version="v2")
+    refresher = module.Refresher(
+        predictor=None,  # type: ignore[arg-type]
+        client=Client,  # type: ignore[arg-type]
+        fetcher=lambda: None,  # type: ignore[arg-type,return-value]
+        model_for=lambda project: model,  # type: ignore[arg-type,return-value]
+        rename_backend="http://backend",
+    )
+    refresher.on_promote(5, "v2")
+    assert started.wait(10)
+    refresher.on_connect(5, "v1")  # a /setup while the refresh runs
+    assert not seen[0].is_set()
+    release.set()
+    refresher.wait(10)
+    assert len(seen) == 1 and not seen[0].is_set()
+    assert 5 in refresher.last

@@ -375,10 +375,14 @@ class Refresher:
         if self._stopped.is_set() or (not refresh and self.rename_backend is None):
             return
         with self._lock:
+            previous = self._threads.get(project_id)
+            if not refresh and previous is not None and previous.is_alive():
+                # A rename must never cancel a refresh: the running one renames the entry
+                # itself (Label Studio sends /setup before every batch of predictions).
+                return
             old = self._cancel.get(project_id)
             if old is not None:
                 old.set()
-            previous = self._threads.get(project_id)
             cancel = threading.Event()
             self._cancel[project_id] = cancel
             thread = threading.Thread(
