@@ -261,6 +261,27 @@ def test_a_given_typicality_is_used_as_is() -> None:
     )
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_the_first_picks_do_not_depend_on_the_horizon(strategy: str) -> None:
+    # What lets bench/active_learning.py plan only the 10 places it labels per round.
+    rng = np.random.default_rng(17)
+    x, lab = rng.normal(size=(150, 8)), rng.normal(size=(12, 8))
+    probs = rng.uniform(size=(150, 3))
+
+    def first_ten(horizon: int) -> list[int]:
+        scores = priority_scores(
+            probs,
+            [0.5, 0.4, 0.6],
+            strategy=strategy,  # type: ignore[arg-type]
+            unlabelled=x,
+            labelled=lab,
+            horizon=horizon,
+        )
+        return np.argsort(scores, kind="stable")[:10].tolist()
+
+    assert first_ten(10) == first_ten(40) == first_ten(100)
+
+
 def test_zero_embeddings_and_an_empty_pool_are_handled() -> None:
     embeddings = np.zeros((5, 4))
     embeddings[0] = 1.0
