@@ -768,7 +768,6 @@ def review(
     server does (LABEL_STUDIO_URL / _API_KEY, LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT)."""
     if fmt not in ("table", "json", "csv"):
         raise ConfigError(f"--format must be table, json or csv, got {fmt!r}")
-    from labelloop.labelstudio.urls import ImageFetchError
     from labelloop.loop.ledger import Ledger
     from labelloop.loop.review import NothingToReview, format_flags, review_project
     from labelloop.ml.embeddings import EmbeddingCache
@@ -792,11 +791,9 @@ def review(
     fetcher = fetchers.current()
 
     def fetch(example: Any) -> bytes | None:
-        try:
-            return fetcher.fetch_bytes(example.image_ref, task_id=example.task_id)
-        except ImageFetchError as exc:
-            logger.warning("Task %s left out of the review: %s", example.task_id, exc.reason)
-            return None
+        return fetcher.bytes_or_none(
+            example.image_ref, task_id=example.task_id, left_out_of="the review"
+        )
 
     ledger = Ledger(ledger_path)
     try:

@@ -63,20 +63,19 @@ class Migration:
         return bool(self.moved)
 
 
-def _trained_by(store: ModelStore, version: str) -> int | None | bool:
-    """The project whose loop trained `version`; None for an offline version, True for a loop
-    version whose manifest does not say which project."""
+def _trained_by(store: ModelStore, version: str) -> tuple[bool, int | None]:
+    """Whether the loop trained `version`, and the project its manifest names (if any)."""
     try:
         training = store.manifest(version).training_config
     except StoreError:
-        return None
+        return False, None
     incremental = training.get("incremental")
     if not isinstance(incremental, dict):
-        return None
+        return False, None
     project = incremental.get("project")
     if isinstance(project, int) and not isinstance(project, bool) and project > 0:
-        return project
-    return True
+        return True, project
+    return True, None
 
 
 def migrate_layout(model_dir: Path, *, sole_project: int | None = None) -> Migration:
@@ -91,14 +90,14 @@ def migrate_layout(model_dir: Path, *, sole_project: int | None = None) -> Migra
     migration = Migration()
     by_project: dict[int, list[str]] = {}
     for version in base.versions():
-        owner = _trained_by(base, version)
-        if owner is True:
-            if sole_project is None:
-                migration.unassigned.append(version)
-                continue
-            owner = sole_project
-        if isinstance(owner, int) and not isinstance(owner, bool):
-            by_project.setdefault(owner, []).append(version)
+        by_loop, owner = _trained_by(base, version)
+        if not by_loop:
+            continue
+        owner = owner or sole_project
+        if owner is None:
+            migration.unassigned.append(version)
+            continue
+        by_project.setdefault(owner, []).append(version)
     if not by_project:
         return migration
     was_current = base.current_version()

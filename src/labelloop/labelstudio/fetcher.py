@@ -171,6 +171,15 @@ class ImageFetcher:
             self._cache.put(source.location, data)
         return data
 
+    def bytes_or_none(self, url: str, *, task_id: int, left_out_of: str) -> bytes | None:
+        """`fetch_bytes`, or None with one warning when the image cannot be had: a task whose
+        image is unreadable is left out of `left_out_of` (training, a review), not fatal."""
+        try:
+            return self.fetch_bytes(url, task_id=task_id)
+        except ImageFetchError as exc:
+            logger.warning("Task %d left out of %s: %s", task_id, left_out_of, exc.reason)
+            return None
+
     def _download(self, source: ResolvedSource) -> bytes:
         deadline = time.monotonic() + self._settings.timeout_s
         url, send_auth = source.location, source.send_auth

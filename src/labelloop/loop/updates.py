@@ -32,7 +32,6 @@ from labelloop.labelstudio.label_config import (
     LabelConfigError,
     parse_label_config,
 )
-from labelloop.labelstudio.urls import ImageFetchError
 from labelloop.loop.gate import decide, macro_f1, predictions_for
 from labelloop.loop.jobs import JobKind, JobState
 from labelloop.loop.ledger import AnnotationLedger, Job, TrainingExample
@@ -532,11 +531,9 @@ class Updater:
         fetcher = self.fetcher()
 
         def fetch(example: TrainingExample) -> bytes | None:
-            try:
-                return fetcher.fetch_bytes(example.image_ref, task_id=example.task_id)
-            except ImageFetchError as exc:
-                logger.warning("Task %d left out of training: %s", example.task_id, exc.reason)
-                return None
+            return fetcher.bytes_or_none(
+                example.image_ref, task_id=example.task_id, left_out_of="training"
+            )
 
         with ThreadPoolExecutor(
             self.settings.fetch_workers, thread_name_prefix="train-fetch"

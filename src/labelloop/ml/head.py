@@ -207,9 +207,7 @@ def _lbfgs(
     return Head(weight.detach().numpy(), bias.detach().numpy()), n_iter, final
 
 
-def check_training_data(
-    features: np.ndarray, targets: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def check_training_data(features: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(features, dtype=np.float32)
     y = np.asarray(targets, dtype=np.float32)
     if x.ndim != 2 or y.ndim != 2:
