@@ -4,26 +4,22 @@ Selenium with explicit paths, so Selenium Manager never looks for (or downloads)
 from __future__ import annotations
 
 import base64
-import logging
-import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from debian import ensure_packages
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 
 __all__ = ["CHROMEDRIVER", "CHROMIUM", "chromium", "ensure_chromium", "severe_console_entries"]
 
-log = logging.getLogger(__name__)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 PACKAGES = ("chromium", "chromium-driver")
-INSTALL_TIMEOUT_S = 900
 
 
 def _installed() -> bool:
@@ -31,40 +27,8 @@ def _installed() -> bool:
 
 
 def ensure_chromium() -> None:
-    """Install Debian's chromium and chromium-driver on first use (as the suite installs Label
-    Studio); raise RuntimeError saying what to do when apt-get cannot."""
-    if _installed():
-        return
-    apt = shutil.which("apt-get")
-    if apt is None:
-        raise RuntimeError(
-            "the page tests need Chromium and its driver at /usr/bin/chromium and "
-            "/usr/bin/chromedriver, and there is no apt-get here to install them: install "
-            f"{' and '.join(PACKAGES)} (Debian packages) or their equivalents there"
-        )
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    # Wait for a dpkg lock another install holds rather than fail at once.
-    install = [apt, "-o", "DPkg::Lock::Timeout=600", "install", "-y", *PACKAGES]
-    log.info("installing %s with apt-get (about a minute)", " and ".join(PACKAGES))
-    done = subprocess.run(
-        install, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S
-    )
-    if done.returncode != 0:
-        # A fresh container has no package lists yet.
-        subprocess.run(
-            [apt, "-o", "DPkg::Lock::Timeout=600", "update"],
-            env=env,
-            capture_output=True,
-            timeout=INSTALL_TIMEOUT_S,
-        )
-        done = subprocess.run(
-            install, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S
-        )
-    if done.returncode != 0 or not _installed():
-        raise RuntimeError(
-            f"`apt-get install -y {' '.join(PACKAGES)}` failed (exit {done.returncode}; as root? "
-            f"with network?):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-        )
+    """Install Debian's chromium and chromium-driver on first use."""
+    ensure_packages(PACKAGES, _installed, "the page tests")
 
 
 @contextmanager
