@@ -47,3 +47,29 @@ def trained_model(
     )
     assert outcome is not None
     return model_dir, outcome
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL 15 for the run (tests/postgres.py), started by its first user."""
+    from postgres import PG_BIN, PostgresServer, postgres_available
+
+    if not postgres_available():
+        pytest.skip(f"PostgreSQL 15 is not installed in {PG_BIN} (apt-get install postgresql-15)")
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture()
+def postgres_url(postgres_server):
+    """The URL of a fresh, empty database of `postgres_server`, dropped after the test."""
+    import uuid
+
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    postgres_server.create_database(name)
+    yield postgres_server.url(name)
+    if postgres_server.running:  # a test that stopped the server and failed leaves it down
+        postgres_server.drop_database(name)
