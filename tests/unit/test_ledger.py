@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy
 from helpers import wait_until
 
+from labelloop.dev.launcher import free_port
 from labelloop.labelstudio.annotations import AnnotationRecord
 from labelloop.loop.ledger import Ledger, LedgerError, ReconcileResult
 
@@ -47,10 +49,32 @@ def rec(
     )
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a test's ledger lives: a SQLite file, or a fresh database of a real PostgreSQL
+    (tests/postgres.py; only started when a PostgreSQL test runs)."""
+    if request.param == "sqlite":
+        return tmp_path / "ledger.sqlite3"
+    return request.getfixturevalue("postgres_url")
+
+
 @pytest.fixture()
-def ledger(tmp_path: Path):
-    with Ledger(tmp_path / "ledger.sqlite3") as opened:
+def ledger(location: Path | str):
+    with Ledger(location) as opened:
         yield opened
+
+
+def raw_sql(location: Path | str, *statements: str) -> list[list[tuple]]:
+    """Run SQL on the ledger's database behind its back, in one transaction; the rows of each
+    statement (empty for those that return none)."""
+    url = f"sqlite:///{location}" if isinstance(location, Path) else location
+    engine = sqlalchemy.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.begin() as conn:
+            results = [conn.execute(sqlalchemy.text(statement)) for statement in statements]
+            return [[tuple(row) for row in r] if r.returns_rows else [] for r in results]
+    finally:
+        engine.dispose()
 
 
 def picked(ledger: Ledger, project_id: int = P) -> dict[int, tuple[int, tuple[str, ...]]]:
@@ -344,15 +368,137 @@ def test_recover_interrupted(ledger: Ledger) -> None:
     assert ledger.recover_interrupted() == []
 
 
+# --------------------------------------------------------------------------- claims, leases
+
+
+def test_claim_job_runs_a_queued_job_once(ledger: Ledger) -> None:
+    job = ledger.create_job(P, "fast", "auto")
+    before = time.time()
+    claimed = ledger.claim_job(job.id, worker="w1", lease_s=30)
+    assert claimed is not None
+    assert (claimed.id, claimed.state, claimed.worker, claimed.progress) == (
+        job.id,
+        "running",
+        "w1",
+        "starting",
+    )
+    assert claimed.started_at is not None and before <= claimed.started_at <= time.time()
+    assert claimed.lease_until == pytest.approx(claimed.started_at + 30)
+    assert ledger.job(job.id) == claimed
+    assert ledger.pending_jobs() == []
+    # Running: nobody claims it again; an unknown job cannot be claimed either.
+    assert ledger.claim_job(job.id, worker="w2", lease_s=30) is None
+    assert ledger.claim_job(12345, worker="w2", lease_s=30) is None
+    assert ledger.job(job.id) == claimed
+
+
+def test_one_running_job_per_project(ledger: Ledger) -> None:
+    fast = ledger.create_job(P, "fast", "auto")
+    full = ledger.create_job(P, "full", "auto")
+    other = ledger.create_job(2, "fast", "auto")
+    assert ledger.claim_job(fast.id, worker="w1", lease_s=30) is not None
+    assert ledger.claim_job(full.id, worker="w2", lease_s=30) is None
+    assert ledger.job(full.id) == full  # still queued, untouched
+    assert ledger.claim_job(other.id, worker="w2", lease_s=30) is not None  # another project
+    ledger.update_job(fast.id, state="succeeded", finished_at=time.time())
+    claimed = ledger.claim_job(full.id, worker="w2", lease_s=30)
+    assert claimed is not None and claimed.worker == "w2"
+    # A job the embedded trainer runs (no worker) counts as running too.
+    embedded = ledger.create_job(3, "fast", "auto")
+    ledger.update_job(embedded.id, state="running", started_at=time.time())
+    assert ledger.claim_job(ledger.create_job(3, "full", "auto").id, worker="w", lease_s=9) is None
+
+
+@pytest.mark.parametrize(
+    ("worker", "lease_s", "message"),
+    [
+        ("", 30, "non-empty name"),
+        ("w1", 0, "positive number of seconds"),
+        ("w1", float("nan"), "positive number of seconds"),
+        ("w1", True, "positive number of seconds"),
+    ],
+)
+def test_claim_and_renew_validate(
+    ledger: Ledger, worker: str, lease_s: float, message: str
+) -> None:
+    job = ledger.create_job(P, "fast", "auto")
+    with pytest.raises(ValueError, match=message):
+        ledger.claim_job(job.id, worker=worker, lease_s=lease_s)
+    with pytest.raises(ValueError, match=message):
+        ledger.renew_lease(job.id, worker=worker, lease_s=lease_s)
+    assert ledger.job(job.id) == job
+
+
+def test_renew_lease(ledger: Ledger) -> None:
+    job = ledger.create_job(P, "fast", "auto")
+    claimed = ledger.claim_job(job.id, worker="w1", lease_s=1)
+    assert claimed is not None and claimed.lease_until is not None
+    assert ledger.renew_lease(job.id, worker="w1", lease_s=600) is True
+    renewed = ledger.job(job.id)
+    assert renewed is not None and renewed.lease_until is not None
+    assert renewed.lease_until >= claimed.lease_until + 599
+    assert renewed == dataclasses.replace(claimed, lease_until=renewed.lease_until)
+    assert ledger.renew_lease(job.id, worker="w2", lease_s=600) is False  # not its job
+    assert ledger.renew_lease(999, worker="w1", lease_s=600) is False
+    ledger.update_job(job.id, state="succeeded", finished_at=time.time())
+    assert ledger.renew_lease(job.id, worker="w1", lease_s=600) is False  # finished
+
+
+def test_expire_leases_requeues_a_lost_job_once(ledger: Ledger) -> None:
+    lost = ledger.claim_job(ledger.create_job(P, "fast", "auto").id, worker="w1", lease_s=10)
+    alive = ledger.claim_job(ledger.create_job(2, "full", "auto").id, worker="w2", lease_s=1000)
+    embedded = ledger.create_job(3, "fast", "auto")
+    ledger.update_job(embedded.id, state="running", started_at=time.time())
+    assert lost is not None and lost.lease_until is not None and alive is not None
+    assert ledger.expire_leases() == []  # nothing has expired yet
+
+    (new,) = ledger.expire_leases(now=lost.lease_until + 1)
+    failed = ledger.job(lost.id)
+    assert failed is not None and failed.finished_at is not None
+    assert (failed.state, failed.error) == ("failed", "worker lost: its lease expired")
+    assert (new.project_id, new.kind, new.trigger, new.state) == (P, "fast", "recovery", "queued")
+    assert ledger.expire_leases(now=lost.lease_until + 1) == []  # once
+    assert ledger.job(alive.id) == alive
+    assert ledger.job(embedded.id).state == "running"  # no lease: recover_interrupted's job
+    # The lost worker learns it at its next renewal; the project is free for the new job.
+    assert ledger.renew_lease(lost.id, worker="w1", lease_s=10) is False
+    assert ledger.claim_job(new.id, worker="w3", lease_s=10) is not None
+
+
+def test_recover_interrupted_leaves_the_workers_jobs_alone(ledger: Ledger) -> None:
+    leased = ledger.claim_job(ledger.create_job(P, "fast", "auto").id, worker="w1", lease_s=600)
+    assert ledger.recover_interrupted() == []
+    assert ledger.job(leased.id) == leased  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------- version numbers
+
+
+def test_next_version_number(ledger: Ledger) -> None:
+    assert [ledger.next_version_number("p1") for _ in range(3)] == [1, 2, 3]
+    assert ledger.next_version_number("p2") == 1  # one counter per lineage
+    assert ledger.next_version_number("p1", at_least=10) == 10
+    assert ledger.next_version_number("p1", at_least=5) == 11  # never backwards
+    assert ledger.next_version_number("p3", at_least=7) == 7
+    with pytest.raises(ValueError, match="non-empty lineage"):
+        ledger.next_version_number("")
+    with pytest.raises(ValueError, match="at_least must be an integer"):
+        ledger.next_version_number("p1", at_least=2.5)  # type: ignore[arg-type]
+    assert ledger.next_version_number("p1") == 12
+
+
 # --------------------------------------------------------------------------- durability
 
 
-def test_restart_keeps_everything(tmp_path: Path) -> None:
-    path = tmp_path / "model" / "ledger.sqlite3"  # the folder is made if missing
+def test_restart_keeps_everything(location: Path | str) -> None:
+    # A SQLite ledger's folder is made if missing.
+    path = location.parent / "model" / location.name if isinstance(location, Path) else location
     with Ledger(path) as ledger:
         ledger.upsert([rec(1, 10, at=1), rec(2, 10, ("b",), at=2), rec(3, 11)])
         ledger.delete([3])
         ledger.set_label_config(P, CONFIG)
+        ledger.claim_job(ledger.create_job(2, "full", "auto").id, worker="w1", lease_s=60)
+        assert ledger.next_version_number("lineage") == 1
         job = ledger.create_job(P, "fast", "auto")
         ledger.update_job(job.id, state="running", metrics={"f1": 0.5})
         before = (ledger.training_set(P), ledger.change_seq(P), ledger.stats(), ledger.jobs())
@@ -367,18 +513,18 @@ def test_restart_keeps_everything(tmp_path: Path) -> None:
         assert after == before
         assert reopened.label_config(P) == CONFIG
         assert reopened.last_change_at(P) == last_change
-        # Job ids are never reused across restarts.
+        # Job ids are never reused across restarts, nor version numbers.
         assert reopened.create_job(P, "fast", "auto").id == job.id + 1
+        assert reopened.next_version_number("lineage") == 2
 
 
-def test_other_schema_version_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.sqlite3"
-    Ledger(path).close()
-    with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
-    conn.close()
-    with pytest.raises(LedgerError, match="schema version 2"):
-        Ledger(path)
+def test_other_schema_version_is_refused(location: Path | str) -> None:
+    Ledger(location).close()
+    raw_sql(location, "UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    with pytest.raises(
+        LedgerError, match="schema version 3, this labelloop reads versions up to 2"
+    ):
+        Ledger(location)
 
 
 def test_unreadable_file_gives_a_clear_error(tmp_path: Path) -> None:
@@ -409,3 +555,179 @@ def test_concurrent_upserts_all_land(ledger: Ledger) -> None:
     assert errors == []
     assert len(ledger.training_set(P)) == 400
     assert ledger.change_seq(P) == 400
+
+
+# --------------------------------------------------------------------------- schema versions
+
+# Schema 1 as labelloop wrote it before claims and counters (git show 553856d:src/labelloop/
+# loop/ledger.py), verbatim: the files in the field look like this.
+V1_SCHEMA = (
+    """CREATE TABLE projects (
+        project_id INTEGER PRIMARY KEY,
+        label_config TEXT,
+        change_seq INTEGER NOT NULL DEFAULT 0,
+        last_change_at REAL
+    )""",
+    """CREATE TABLE annotations (
+        project_id INTEGER NOT NULL REFERENCES projects (project_id),
+        annotation_id INTEGER NOT NULL,
+        task_id INTEGER NOT NULL,
+        image_ref TEXT,
+        labels TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        updated_ts REAL NOT NULL,
+        was_cancelled INTEGER NOT NULL,
+        ground_truth INTEGER NOT NULL,
+        completed_by INTEGER,
+        received_at REAL NOT NULL,
+        deleted_at REAL,
+        PRIMARY KEY (project_id, annotation_id)
+    )""",
+    "CREATE INDEX annotations_by_task ON annotations (project_id, task_id)",
+    # ANNOTATIONS_DELETED may come without a usable project: deletes look ids up alone.
+    "CREATE INDEX annotations_by_id ON annotations (annotation_id)",
+    # AUTOINCREMENT: a job id is never reused, even after the newest job is gone.
+    """CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        project_id INTEGER NOT NULL REFERENCES projects (project_id),
+        kind TEXT NOT NULL,
+        trigger TEXT NOT NULL,
+        state TEXT NOT NULL,
+        requested_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        progress TEXT,
+        metrics TEXT,
+        error TEXT,
+        candidate_version TEXT,
+        promoted_version TEXT,
+        trained_seq INTEGER
+    )""",
+    "CREATE INDEX jobs_by_state ON jobs (state, id)",
+)
+
+
+def make_v1_file(path: Path) -> None:
+    """A schema-1 ledger: two annotations (one deleted), a finished and a running job, and a
+    third job removed, so that AUTOINCREMENT has handed out id 3 already."""
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        for statement in V1_SCHEMA:
+            conn.execute(statement)
+        conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+        conn.execute(
+            "INSERT INTO projects VALUES (1, ?, 2, 1764031000.5)",
+            (CONFIG,),
+        )
+        for annotation_id, task_id, deleted_at in ((1, 10, None), (2, 11, 1764031000.5)):
+            conn.execute(
+                'INSERT INTO annotations VALUES (1, ?, ?, ?, \'{"c": ["a"]}\','
+                " '2026-11-25T00:00:01Z', 1795568401.0, 0, 0, 1, 1764031000.0, ?)",
+                (annotation_id, task_id, f"/data/upload/1/{task_id}.png", deleted_at),
+            )
+        for state in ("succeeded", "running", "queued"):
+            conn.execute(
+                "INSERT INTO jobs (project_id, kind, trigger, state, requested_at)"
+                " VALUES (1, 'fast', 'auto', ?, 1764031000.0)",
+                (state,),
+            )
+        conn.execute("DELETE FROM jobs WHERE id = 3")
+    conn.close()
+
+
+def test_schema_1_file_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    make_v1_file(path)
+    with Ledger(path) as ledger:
+        assert picked(ledger) == {10: (1, ("a",))}
+        assert (ledger.change_seq(P), ledger.last_change_at(P)) == (2, 1764031000.5)
+        assert ledger.label_config(P) == CONFIG
+        assert (ledger.stats(P)["annotations"], ledger.stats(P)["deleted"]) == (2, 1)
+        jobs = [(j.id, j.state, j.worker, j.lease_until) for j in ledger.jobs()]
+        assert jobs == [(2, "running", None, None), (1, "succeeded", None, None)]
+        (recovered,) = ledger.recover_interrupted()  # a schema-1 running job has no lease
+        assert recovered.id == 4  # ids are still never reused
+        claimed = ledger.claim_job(recovered.id, worker="w1", lease_s=60)
+        assert claimed is not None and claimed.worker == "w1"
+        assert ledger.next_version_number("lineage") == 1
+    assert raw_sql(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [[("2",)]]
+    conn = sqlite3.connect(path)
+    try:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(jobs)")]
+        assert columns[-2:] == ["worker", "lease_until"]
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+    with Ledger(path) as reopened:  # a migrated file opens as it is
+        assert reopened.next_version_number("lineage") == 2
+        assert reopened.job(4) == claimed
+
+
+def test_schema_1_database_is_migrated(location: Path | str) -> None:
+    """Either database, taken back to schema 1 behind the ledger's back."""
+    with Ledger(location) as ledger:
+        ledger.upsert([rec(1, 10)])
+        job = ledger.create_job(P, "fast", "auto")
+    raw_sql(
+        location,
+        "ALTER TABLE jobs DROP COLUMN worker",
+        "ALTER TABLE jobs DROP COLUMN lease_until",
+        "DROP TABLE version_counters",
+        "UPDATE meta SET value = '1' WHERE key = 'schema_version'",
+    )
+    with Ledger(location) as ledger:
+        assert ledger.job(job.id) == job
+        assert picked(ledger) == {10: (1, ("a",))}
+        assert ledger.claim_job(job.id, worker="w1", lease_s=60) is not None
+        assert ledger.next_version_number("lineage") == 1
+    assert raw_sql(location, "SELECT value FROM meta WHERE key = 'schema_version'") == [[("2",)]]
+
+
+def test_sqlite_connections_are_durable_and_strict(tmp_path: Path) -> None:
+    """Every pooled connection: WAL, synchronous=FULL, foreign keys, a 5 s busy timeout."""
+    names = ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+    with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+        assert ledger._engine is not None
+        with ledger._engine.connect() as conn:
+            values = [conn.exec_driver_sql(f"PRAGMA {name}").scalar() for name in names]
+    assert values == ["wal", 2, 1, 5000]  # 2: FULL
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def test_sqlite_url_is_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    with Ledger(f"sqlite:///{path}") as ledger:
+        ledger.upsert([rec(1, 10)])
+        assert ledger.path == path
+    with Ledger(path) as ledger:
+        assert set(picked(ledger)) == {10}
+
+
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        ("mysql://user:s3cret@db/ledger", "neither a SQLite file nor a PostgreSQL database"),
+        ("sqlite://", "neither a SQLite file"),  # in memory: not durable
+        ("postgresql+asyncpg://user:s3cret@db/ledger", "through psycopg 3"),
+        ("postgresql://user:s3cret@db:port/ledger", "not a database URL"),
+    ],
+)
+def test_bad_locations_are_refused(location: str, message: str) -> None:
+    with pytest.raises(LedgerError, match=message) as caught:
+        Ledger(location)
+    assert "s3cret" not in str(caught.value)
+
+
+def test_unreachable_postgresql_gives_a_clear_error() -> None:
+    url = f"postgresql://labelloop:s3cret@127.0.0.1:{free_port()}/ledger"
+    with pytest.raises(LedgerError) as caught:
+        Ledger(url)
+    message = str(caught.value)
+    assert message.startswith(
+        "cannot open the annotation ledger postgresql+psycopg://labelloop:***@127.0.0.1:"
+    )
+    assert "Connection refused" in message and "check that PostgreSQL runs there" in message
+    assert "s3cret" not in message

@@ -1,8 +1,9 @@
-"""The durable annotation ledger and the background trainer's job store, in one SQLite file.
+"""The durable annotation ledger and the background trainer's job store: one SQLite file
+(embedded, the default) or one PostgreSQL database (several serving replicas and workers).
 
 Label Studio tells the backend about annotations once, by webhook, with a 1 s timeout and no
-retry: what the ledger acknowledges must survive a crash. Every write commits (synchronous=FULL)
-before it returns, so a webhook is answered only once its annotations are on disk.
+retry: what the ledger acknowledges must survive a crash. Every write commits before it returns
+(SQLite with synchronous=FULL), so a webhook is answered only once its annotations are durable.
 
 Rules the training set relies on:
 
@@ -13,9 +14,33 @@ Rules the training set relies on:
   does not bring it back. Only ``reconcile``, a full snapshot from the API, revives one.
 * A record without an image keeps the image already known for its annotation.
 
-Times: the ledger's own clock (received, deleted, changed, job times) is unix seconds; Label
-Studio's ``updated_at`` is kept as the ISO string it sent, plus its unix value for ordering.
-One connection serves every thread (FastAPI workers and the trainer), behind a lock.
+Why SQLAlchemy Core: one copy of the SQL (``text()`` that both dialects read), of the schema
+(``MetaData``, created on start-up) and of the migrations, instead of two stores that drift
+apart; its pool reconnects after a database restart. No ORM: the rules above are a few plain
+statements on four tables.
+
+Writes are serialized, so each read-then-write (the out-of-order rule in ``_apply``,
+``request_job``'s coalescing, claims, counters) is atomic against every other writer, in this
+process or another:
+
+* SQLite: a write transaction starts with BEGIN IMMEDIATE, which takes the file's write lock
+  before the first read; a lock in the process keeps its own threads out of the busy handler.
+* PostgreSQL: a write transaction first takes one transaction-scoped advisory lock
+  (``pg_advisory_xact_lock`` on a constant key), which COMMIT, ROLLBACK or a lost connection
+  release. Under READ COMMITTED every later statement then sees what the previous holders
+  committed. Row locks alone would not do: ``request_job`` checks for a row that does not exist
+  yet. SERIALIZABLE would, but with retries on serialization failures; the writes are small (a
+  webhook's annotations, a job row), so queueing them behind one lock costs little.
+
+Reads take no lock: SQLite's WAL and PostgreSQL's MVCC give them a consistent view.
+
+A database that cannot be reached (PostgreSQL restarting, a file locked too long) raises
+LedgerError, which the HTTP layer answers with 503. Connections are checked before use
+(``pool_pre_ping``), so the same Ledger works again once the database is back.
+
+Times: the ledger's own clock (received, deleted, changed, job and lease times) is unix seconds;
+Label Studio's ``updated_at`` is kept as the ISO string it sent, plus its unix value for
+ordering.
 """
 
 from __future__ import annotations
@@ -23,16 +48,47 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sqlite3
 import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from sqlalchemy import (
+    REAL,
+    BigInteger,
+    Column,
+    Connection,
+    Double,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    RowMapping,
+    Table,
+    Text,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.types import TypeEngine
+
+from labelloop.errors import StoreError
 from labelloop.labelstudio.annotations import (
     AnnotationRank,
     AnnotationRecord,
@@ -40,7 +96,6 @@ from labelloop.labelstudio.annotations import (
     winning_annotation,
 )
 from labelloop.loop.jobs import JobState
-from labelloop.store import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +110,15 @@ __all__ = [
     "TrainingExample",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Stored as plain strings; loop.jobs.JobState says what each means.
 JOB_STATES = frozenset(str(state) for state in JobState)
 _INTERRUPTED = "interrupted (backend restarted)"
+_LEASE_EXPIRED = "worker lost: its lease expired"
 # Columns `_project_value` may read: the name goes into SQL, so only these.
 _PROJECT_COLUMNS = frozenset({"label_config", "change_seq", "last_change_at"})
-# Fields update_job accepts, with the types each may hold besides None.
+# Fields update_job accepts, with the types each may hold besides None. Not worker and
+# lease_until: only claims and renewals hand those out, under the single-flight rule.
 _JOB_FIELDS: dict[str, tuple[type, ...]] = {
     "state": (str,),
     "started_at": (int, float),
@@ -73,55 +130,95 @@ _JOB_FIELDS: dict[str, tuple[type, ...]] = {
     "promoted_version": (str,),
     "trained_seq": (int,),
 }
+_BUSY_TIMEOUT_S = 5.0
+# Every labelloop writer of a PostgreSQL ledger must use the same key; any constant does
+# ("labellop" in ASCII, below 2**63 as bigint wants).
+_PG_LOCK_KEY = 0x6C6162656C6C6F70
+# The execution option that makes a connection's transaction a write (BEGIN IMMEDIATE).
+_WRITE_OPTION = "labelloop_ledger_write"
 
-_SCHEMA = (
-    """CREATE TABLE projects (
-        project_id INTEGER PRIMARY KEY,
-        label_config TEXT,
-        change_seq INTEGER NOT NULL DEFAULT 0,
-        last_change_at REAL
-    )""",
-    """CREATE TABLE annotations (
-        project_id INTEGER NOT NULL REFERENCES projects (project_id),
-        annotation_id INTEGER NOT NULL,
-        task_id INTEGER NOT NULL,
-        image_ref TEXT,
-        labels TEXT NOT NULL,
-        updated_at TEXT NOT NULL,
-        updated_ts REAL NOT NULL,
-        was_cancelled INTEGER NOT NULL,
-        ground_truth INTEGER NOT NULL,
-        completed_by INTEGER,
-        received_at REAL NOT NULL,
-        deleted_at REAL,
-        PRIMARY KEY (project_id, annotation_id)
-    )""",
-    "CREATE INDEX annotations_by_task ON annotations (project_id, task_id)",
+# --------------------------------------------------------------------------- schema
+
+_metadata = MetaData()
+# SQLite's declared types stay those schema 1 wrote. On PostgreSQL REAL is 4 bytes, too coarse
+# for unix times, and Label Studio's ids and the counters get 8 bytes.
+_REAL: TypeEngine[float] = Double[float]().with_variant(REAL(), "sqlite")
+_INT = Integer().with_variant(BigInteger(), "postgresql")
+
+_meta = Table(
+    "meta",
+    _metadata,
+    Column("key", Text, primary_key=True),
+    Column("value", Text),
+)
+_projects = Table(
+    "projects",
+    _metadata,
+    Column("project_id", _INT, primary_key=True, autoincrement=False),
+    Column("label_config", Text),
+    Column("change_seq", _INT, nullable=False, server_default=text("0")),
+    Column("last_change_at", _REAL),
+)
+_annotations = Table(
+    "annotations",
+    _metadata,
+    Column(
+        "project_id",
+        _INT,
+        ForeignKey("projects.project_id"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    Column("annotation_id", _INT, primary_key=True, autoincrement=False),
+    Column("task_id", _INT, nullable=False),
+    Column("image_ref", Text),
+    Column("labels", Text, nullable=False),
+    Column("updated_at", Text, nullable=False),
+    Column("updated_ts", _REAL, nullable=False),
+    # 0 or 1, as schema 1 stored them in SQLite: the same SQL reads both databases.
+    Column("was_cancelled", Integer, nullable=False),
+    Column("ground_truth", Integer, nullable=False),
+    Column("completed_by", _INT),
+    Column("received_at", _REAL, nullable=False),
+    Column("deleted_at", _REAL),
+    Index("annotations_by_task", "project_id", "task_id"),
     # ANNOTATIONS_DELETED may come without a usable project: deletes look ids up alone.
-    "CREATE INDEX annotations_by_id ON annotations (annotation_id)",
-    # AUTOINCREMENT: a job id is never reused, even after the newest job is gone.
-    """CREATE TABLE jobs (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        project_id INTEGER NOT NULL REFERENCES projects (project_id),
-        kind TEXT NOT NULL,
-        trigger TEXT NOT NULL,
-        state TEXT NOT NULL,
-        requested_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        progress TEXT,
-        metrics TEXT,
-        error TEXT,
-        candidate_version TEXT,
-        promoted_version TEXT,
-        trained_seq INTEGER
-    )""",
-    "CREATE INDEX jobs_by_state ON jobs (state, id)",
+    Index("annotations_by_id", "annotation_id"),
+)
+_jobs = Table(
+    "jobs",
+    _metadata,
+    Column("id", _INT, primary_key=True),
+    Column("project_id", _INT, ForeignKey("projects.project_id"), nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("trigger", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("requested_at", _REAL, nullable=False),
+    Column("started_at", _REAL),
+    Column("finished_at", _REAL),
+    Column("progress", Text),
+    Column("metrics", Text),
+    Column("error", Text),
+    Column("candidate_version", Text),
+    Column("promoted_version", Text),
+    Column("trained_seq", _INT),
+    Column("worker", Text),  # schema 2
+    Column("lease_until", _REAL),  # schema 2
+    Index("jobs_by_state", "state", "id"),
+    # AUTOINCREMENT: a job id is never reused, even after the newest job is gone (PostgreSQL's
+    # sequences never reuse one anyway).
+    sqlite_autoincrement=True,
+)
+_version_counters = Table(  # schema 2
+    "version_counters",
+    _metadata,
+    Column("lineage", Text, primary_key=True),
+    Column("last", _INT, nullable=False),
 )
 
 
 class LedgerError(StoreError):
-    """The ledger file cannot be opened or was written by another schema version."""
+    """The ledger cannot be opened or reached, or was written by another schema version."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +254,9 @@ class Job:
     candidate_version: str | None = None
     promoted_version: str | None = None
     trained_seq: int | None = None
+    # Set by claim_job: who runs the job, and until when it counts as alive (renew_lease).
+    worker: str | None = None
+    lease_until: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: metrics were made JSON-safe when stored."""
@@ -178,13 +278,24 @@ class _Row:
     ground_truth: bool
     completed_by: int | None
 
+    def params(self, now: float) -> dict[str, object]:
+        # Flags as 0/1: PostgreSQL does not cast a boolean parameter to an integer column.
+        return {
+            **asdict(self),
+            "was_cancelled": int(self.was_cancelled),
+            "ground_truth": int(self.ground_truth),
+            "now": now,
+        }
+
 
 class AnnotationLedger(Protocol):
     """The durable record of annotations and training jobs: the seam between the loop and its
-    database. `Ledger` (SQLite in MODEL_DIR, the embedded default) is the implementation today;
-    another database can take its place if it keeps the same promises: a write is durable when
-    the call returns, out-of-order updates are ignored, deletions leave tombstones, and
-    `request_job` never queues a kind twice for a project, even with several writers."""
+    database. `Ledger` is the implementation, on SQLite (a file in MODEL_DIR, the embedded
+    default) or PostgreSQL (several replicas and workers); another database can take its place
+    if it keeps the same promises: a write is durable when the call returns, out-of-order updates
+    are ignored, deletions leave tombstones, `request_job` never queues a kind twice for a
+    project, `claim_job` never runs two jobs of a project at once and `next_version_number`
+    never hands out a number twice, even with several writers."""
 
     def upsert(self, records: Sequence[AnnotationRecord]) -> int: ...
 
@@ -218,6 +329,12 @@ class AnnotationLedger(Protocol):
 
     def update_job(self, job_id: int, **fields: Any) -> Job: ...
 
+    def claim_job(self, job_id: int, *, worker: str, lease_s: float) -> Job | None: ...
+
+    def renew_lease(self, job_id: int, *, worker: str, lease_s: float) -> bool: ...
+
+    def expire_leases(self, now: float | None = None) -> list[Job]: ...
+
     def job(self, job_id: int) -> Job | None: ...
 
     def jobs(self, *, project_id: int | None = None, limit: int = 20) -> list[Job]: ...
@@ -226,27 +343,48 @@ class AnnotationLedger(Protocol):
 
     def recover_interrupted(self) -> list[Job]: ...
 
+    def next_version_number(self, lineage: str, *, at_least: int = 1) -> int: ...
+
     def close(self) -> None: ...
 
 
 class Ledger:
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
+    """The ledger on SQLite (``Ledger(path)``: a file, made with its folder when missing) or on
+    PostgreSQL (``Ledger("postgresql://user:password@host:port/database")``; the tables are made
+    in the database when missing, the database itself must exist). One object serves every
+    thread. ``url`` names the database without its password, for messages and logs."""
+
+    def __init__(self, location: Path | str) -> None:
+        url, self.path = _parse_location(location)
+        self.url = url.render_as_string(hide_password=True)
+        self._password = url.password
+        self._postgres = url.get_backend_name() == "postgresql"
+        # Where messages say the ledger is: the file, or the URL.
+        self._where = str(self.path) if self.path is not None else self.url
+        # SQLite: one writer at a time in the process, so threads queue here rather than in
+        # SQLite's busy handler. PostgreSQL's advisory lock queues them in the server.
+        self._write_lock: AbstractContextManager[Any] = (
+            nullcontext() if self._postgres else threading.Lock()
+        )
+        self._engine: Engine | None = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = _connect(self.path)
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._engine = (
+                _postgres_engine(url) if self._postgres else _sqlite_engine(url, self._where)
+            )
             self._init_schema()
-        except (sqlite3.Error, OSError) as exc:
-            raise LedgerError(
-                f"cannot open the annotation ledger {self.path}: {exc}; check that "
-                f"{self.path.parent} is writable and that the file is a labelloop ledger "
-                "(move a damaged file aside to start an empty one)"
-            ) from exc
+        except LedgerError:
+            self.close()
+            raise
+        except (SQLAlchemyError, OSError) as exc:
+            self.close()
+            raise LedgerError(self._cannot_open(exc)) from exc
+        logger.debug("Annotation ledger: %s", self._where)
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        if self._engine is not None:
+            self._engine.dispose()
 
     def __enter__(self) -> Ledger:
         return self
@@ -254,45 +392,123 @@ class Ledger:
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    def __repr__(self) -> str:
+        return f"Ledger({self._where!r})"
+
     # -- plumbing -----------------------------------------------------------------------------
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One transaction, committed before the caller returns. IMMEDIATE takes the write lock
-        up front, so a read-then-write is atomic also against another process on the file."""
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+    def _transaction(self, *, write: bool, snapshot: bool = False) -> Iterator[Connection]:
+        """A connection in a transaction, committed (write) or rolled back (read) at the end.
+
+        A write is serialized against every other writer (see the module doc). ``snapshot``: a
+        read of several statements sees one state of the database.
+        """
+        assert self._engine is not None, "the ledger failed to open"
+        with self._write_lock if write else nullcontext(), self._engine.connect() as conn:
+            if not write:
+                # Both databases begin a transaction with the first statement (SQLite: a
+                # deferred BEGIN, one snapshot until it ends); closing rolls it back.
+                if snapshot and self._postgres:
+                    conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
                 yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+                return
+            conn.execution_options(**{_WRITE_OPTION: True})  # see _sqlite_engine's "begin"
+            with conn.begin():
+                if self._postgres:
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
+                yield conn
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            yield self._conn
+    def _write(self) -> Iterator[Connection]:
+        """One write transaction, committed before the caller returns."""
+        with self._reachable(), self._transaction(write=True) as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self, *, snapshot: bool = False) -> Iterator[Connection]:
+        with self._reachable(), self._transaction(write=False, snapshot=snapshot) as conn:
+            yield conn
+
+    @contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """The database going away becomes LedgerError (503 over HTTP); the pool replaces the
+        broken connections by itself once it is back. Any other database error is a bug here
+        and stays as it is."""
+        try:
+            yield
+        except (OperationalError, InterfaceError, PoolTimeoutError) as exc:
+            raise LedgerError(self._unreachable(exc)) from exc
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            raise LedgerError(self._unreachable(exc)) from exc
+
+    def _reason(self, exc: BaseException) -> str:
+        """The driver's own words, on one line: SQLAlchemy's text would add the statement and
+        its parameters (annotations); a password never appears."""
+        orig = getattr(exc, "orig", None)
+        reason = " ".join(str(orig if orig is not None else exc).split()) or type(exc).__name__
+        return reason.replace(self._password, "***") if self._password else reason
+
+    def _cannot_open(self, exc: BaseException) -> str:
+        if self._postgres:
+            return (
+                f"cannot open the annotation ledger {self.url}: {self._reason(exc)}; check that "
+                "PostgreSQL runs there and accepts connections, that the database exists "
+                "(createdb) and that the user may connect to it and create tables"
+            )
+        assert self.path is not None
+        return (
+            f"cannot open the annotation ledger {self.path}: {self._reason(exc)}; check that "
+            f"{self.path.parent} is writable and that the file is a labelloop ledger "
+            "(move a damaged file aside to start an empty one)"
+        )
+
+    def _unreachable(self, exc: BaseException) -> str:
+        if self._postgres:
+            return (
+                f"the annotation ledger {self.url} cannot be reached: {self._reason(exc)}; check "
+                "that PostgreSQL is running and accepts connections there (the ledger "
+                "reconnects by itself once it does)"
+            )
+        assert self.path is not None
+        return (
+            f"the annotation ledger {self.path} cannot be used: {self._reason(exc)}; check that "
+            f"the disk is not full, that {self.path.parent} is writable and that no other "
+            "program keeps the file locked"
+        )
 
     def _init_schema(self) -> None:
-        with self._write() as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                for statement in _SCHEMA:
-                    conn.execute(statement)
+        # A write transaction: replicas starting together create the tables once, and
+        # migrate once; DDL is transactional in both databases.
+        with self._transaction(write=True) as conn:
+            _metadata.create_all(conn, tables=[_meta])
+            stored = conn.execute(
+                text("SELECT value FROM meta WHERE key = 'schema_version'")
+            ).scalar()
+            if stored is None:
+                _metadata.create_all(conn)
                 conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
+                    text("INSERT INTO meta (key, value) VALUES ('schema_version', :version)"),
+                    {"version": str(SCHEMA_VERSION)},
                 )
-            elif row["value"] != str(SCHEMA_VERSION):
+                return
+            version = int(stored) if str(stored).isdigit() else None
+            if version is None or not 1 <= version <= SCHEMA_VERSION:
                 raise LedgerError(
-                    f"the ledger {self.path} has schema version {row['value']}, this labelloop "
-                    f"reads version {SCHEMA_VERSION}; use the labelloop that wrote it, or move "
-                    "the file aside to start an empty ledger"
+                    f"the ledger {self._where} has schema version {stored}, this labelloop "
+                    f"reads versions up to {SCHEMA_VERSION}; use the labelloop that wrote it, "
+                    "or start an empty ledger (move the file aside, or use another database)"
                 )
+            while version < SCHEMA_VERSION:
+                _MIGRATIONS[version](conn)
+                version += 1
+                conn.execute(
+                    text("UPDATE meta SET value = :version WHERE key = 'schema_version'"),
+                    {"version": str(version)},
+                )
+                logger.info("Ledger %s migrated to schema version %d", self._where, version)
 
     # -- annotations --------------------------------------------------------------------------
 
@@ -319,17 +535,15 @@ class Ledger:
         ids = [_require_int(value, "annotation id") for value in annotation_ids]
         now = time.time()
         changes: Counter[int] = Counter()
+        sql = "UPDATE annotations SET deleted_at = :now WHERE annotation_id = :id"
+        sql += " AND deleted_at IS NULL"
+        if project_id is not None:
+            sql += " AND project_id = :project_id"
+        statement = text(sql + " RETURNING project_id")
         with self._write() as conn:
             for annotation_id in ids:
-                sql = (
-                    "UPDATE annotations SET deleted_at = ? "
-                    "WHERE annotation_id = ? AND deleted_at IS NULL"
-                )
-                params: tuple[object, ...] = (now, annotation_id)
-                if project_id is not None:
-                    sql += " AND project_id = ?"
-                    params += (project_id,)
-                for (project,) in conn.execute(sql + " RETURNING project_id", params).fetchall():
+                params = {"now": now, "id": annotation_id, "project_id": project_id}
+                for project in conn.execute(statement, params).scalars():
                     changes[project] += 1
             _count_changes(conn, changes, now)
         return sum(changes.values())
@@ -381,10 +595,10 @@ class Ledger:
         if column not in _PROJECT_COLUMNS:
             raise ValueError(f"unknown project column {column!r}")
         with self._read() as conn:
-            row = conn.execute(
-                f"SELECT {column} FROM projects WHERE project_id = ?", (project_id,)
-            ).fetchone()
-        return None if row is None else row[column]
+            return conn.execute(
+                text(f"SELECT {column} FROM projects WHERE project_id = :project_id"),
+                {"project_id": project_id},
+            ).scalar()
 
     def change_seq(self, project_id: int) -> int:
         """Grows by one per new, changed or deleted annotation; 0 for an unknown project."""
@@ -397,8 +611,7 @@ class Ledger:
     def projects(self) -> list[int]:
         """Every project with annotations, a label config or jobs, by id."""
         with self._read() as conn:
-            rows = conn.execute("SELECT project_id FROM projects ORDER BY project_id").fetchall()
-        return [row["project_id"] for row in rows]
+            return _project_ids(conn)
 
     def set_label_config(self, project_id: int, xml: str) -> bool:
         """Remember the project's label config; True when it differs from the stored one."""
@@ -410,9 +623,11 @@ class Ledger:
         with self._write() as conn:
             _ensure_projects(conn, {project_id})
             changed = conn.execute(
-                "UPDATE projects SET label_config = ? "
-                "WHERE project_id = ? AND label_config IS NOT ?",
-                (xml, project_id, xml),
+                text(
+                    "UPDATE projects SET label_config = :xml WHERE project_id = :project_id"
+                    " AND (label_config IS NULL OR label_config <> :xml)"
+                ),
+                {"xml": xml, "project_id": project_id},
             ).rowcount
         if changed:
             logger.info("Label config of project %d changed", project_id)
@@ -425,19 +640,28 @@ class Ledger:
         """Annotation counts (of one project, or of all): all rows, live, live cancelled,
         deleted, live ground truth, and tasks in the training set."""
         where, params = _project_filter(project_id)
-        with self._read() as conn:
-            row = conn.execute(
-                "SELECT COUNT(*) AS annotations,"
-                " COALESCE(SUM(deleted_at IS NULL), 0) AS live,"
-                " COALESCE(SUM(deleted_at IS NULL AND was_cancelled), 0) AS cancelled,"
-                " COALESCE(SUM(deleted_at IS NOT NULL), 0) AS deleted,"
-                " COALESCE(SUM(deleted_at IS NULL AND ground_truth), 0) AS ground_truth"
-                f" FROM annotations {where}",
-                params,
-            ).fetchone()
+        with self._read(snapshot=True) as conn:
+            row = (
+                conn.execute(
+                    text(
+                        "SELECT COUNT(*) AS annotations,"
+                        " COALESCE(SUM(CASE WHEN deleted_at IS NULL THEN 1 ELSE 0 END), 0)"
+                        " AS live,"
+                        " COALESCE(SUM(CASE WHEN deleted_at IS NULL AND was_cancelled <> 0"
+                        " THEN 1 ELSE 0 END), 0) AS cancelled,"
+                        " COALESCE(SUM(CASE WHEN deleted_at IS NOT NULL THEN 1 ELSE 0 END), 0)"
+                        " AS deleted,"
+                        " COALESCE(SUM(CASE WHEN deleted_at IS NULL AND ground_truth <> 0"
+                        f" THEN 1 ELSE 0 END), 0) AS ground_truth FROM annotations {where}"
+                    ),
+                    params,
+                )
+                .mappings()
+                .one()
+            )
             projects = [project_id] if project_id is not None else _project_ids(conn)
             training = sum(len(_training_set(conn, project)) for project in projects)
-        return {**{key: int(row[key]) for key in row.keys()}, "training_tasks": training}
+        return {**{key: int(value) for key, value in row.items()}, "training_tasks": training}
 
     # -- jobs ---------------------------------------------------------------------------------
 
@@ -453,17 +677,19 @@ class Ledger:
         """The project's queued job of this kind, or a new one: requests coalesce.
 
         Check and insert share one write transaction, so concurrent requests (threads, or
-        processes on the same file) never queue the same kind twice.
+        processes on the same database) never queue the same kind twice.
         """
         _check_job_request(kind, trigger)
         with self._write() as conn:
-            row = conn.execute(
-                "SELECT id FROM jobs WHERE project_id = ? AND kind = ? AND state = 'queued' "
-                "ORDER BY id LIMIT 1",
-                (project_id, kind),
-            ).fetchone()
-            if row is not None:
-                return _job(conn, int(row[0]))
+            queued = conn.execute(
+                text(
+                    "SELECT id FROM jobs WHERE project_id = :project_id AND kind = :kind"
+                    " AND state = 'queued' ORDER BY id LIMIT 1"
+                ),
+                {"project_id": project_id, "kind": str(kind)},
+            ).scalar()
+            if queued is not None:
+                return _job(conn, int(queued))
             job = _insert_job(conn, project_id, kind, trigger)
         logger.info("Queued %s job %d for project %d (%s)", kind, job.id, project_id, trigger)
         return job
@@ -476,15 +702,98 @@ class Ledger:
         values = {name: _job_value(name, value) for name, value in fields.items()}
         with self._write() as conn:
             if values:
-                assignments = ", ".join(f"{name} = ?" for name in values)
+                # The names come from _JOB_FIELDS only (checked above), never from the caller.
+                assignments = ", ".join(f"{name} = :{name}" for name in values)
                 conn.execute(
-                    f"UPDATE jobs SET {assignments} WHERE id = ?", (*values.values(), job_id)
+                    text(f"UPDATE jobs SET {assignments} WHERE id = :job_id"),
+                    {**values, "job_id": job_id},
                 )
             return _job(conn, job_id)
 
+    def claim_job(self, job_id: int, *, worker: str, lease_s: float) -> Job | None:
+        """Start a queued job on ``worker``: it becomes "running" (started now, progress
+        "starting") with a lease of ``lease_s`` seconds, which the worker keeps alive with
+        ``renew_lease`` and ``expire_leases`` ends.
+
+        Returns None, and changes nothing, when the job is not queued (any more; or unknown) or
+        when another job of its project is running: one job per project at a time, whichever
+        worker or process claims it.
+        """
+        name = _check_worker(worker)
+        lease = _check_lease(lease_s)
+        now = time.time()
+        with self._write() as conn:
+            row = (
+                conn.execute(
+                    text(
+                        "UPDATE jobs SET state = 'running', started_at = :now, worker = :worker,"
+                        " lease_until = :lease_until, progress = 'starting'"
+                        " WHERE id = :job_id AND state = 'queued' AND NOT EXISTS ("
+                        "SELECT 1 FROM jobs AS other WHERE other.project_id = jobs.project_id"
+                        " AND other.state = 'running') RETURNING *"
+                    ),
+                    {"now": now, "worker": name, "lease_until": now + lease, "job_id": job_id},
+                )
+                .mappings()
+                .first()
+            )
+        if row is None:
+            return None
+        job = _job_of(row)
+        logger.info(
+            "Worker %s claimed %s job %d of project %d", name, job.kind, job.id, job.project_id
+        )
+        return job
+
+    def renew_lease(self, job_id: int, *, worker: str, lease_s: float) -> bool:
+        """Extend the lease of a job ``worker`` runs to ``lease_s`` seconds from now. False when
+        the job no longer runs under that worker (finished, or its lease expired and the job was
+        queued again): the worker should then stop working on it."""
+        name = _check_worker(worker)
+        lease = _check_lease(lease_s)
+        with self._write() as conn:
+            renewed = conn.execute(
+                text(
+                    "UPDATE jobs SET lease_until = :lease_until"
+                    " WHERE id = :job_id AND state = 'running' AND worker = :worker"
+                ),
+                {"lease_until": time.time() + lease, "job_id": job_id, "worker": name},
+            ).rowcount
+        return renewed == 1
+
+    def expire_leases(self, now: float | None = None) -> list[Job]:
+        """Jobs whose worker let its lease run out (before ``now``, the clock by default) died
+        with it: each becomes "failed" and is queued again (trigger "recovery"), once, however
+        many processes call this. Returns the new jobs."""
+        cutoff = time.time() if now is None else float(now)
+        with self._write() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT * FROM jobs WHERE state = 'running' AND lease_until IS NOT NULL"
+                    " AND lease_until < :cutoff ORDER BY id"
+                ),
+                {"cutoff": cutoff},
+            ).mappings()
+            lost = [_job_of(row) for row in rows.all()]
+            requeued = [_requeue(conn, old, _LEASE_EXPIRED) for old in lost]
+        for old, new in zip(lost, requeued, strict=True):
+            logger.warning(
+                "Job %d (%s, project %d): worker %s lost, its lease expired; queued again as %d",
+                old.id,
+                old.kind,
+                old.project_id,
+                old.worker,
+                new.id,
+            )
+        return requeued
+
     def job(self, job_id: int) -> Job | None:
         with self._read() as conn:
-            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = (
+                conn.execute(text("SELECT * FROM jobs WHERE id = :job_id"), {"job_id": job_id})
+                .mappings()
+                .first()
+            )
         return None if row is None else _job_of(row)
 
     def jobs(self, *, project_id: int | None = None, limit: int = 20) -> list[Job]:
@@ -494,42 +803,178 @@ class Ledger:
         where, params = _project_filter(project_id)
         with self._read() as conn:
             rows = conn.execute(
-                f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?", (*params, limit)
-            ).fetchall()
-        return [_job_of(row) for row in rows]
+                text(f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT :limit"),
+                {**params, "limit": limit},
+            ).mappings()
+            return [_job_of(row) for row in rows.all()]
 
     def pending_jobs(self) -> list[Job]:
         """Queued jobs, oldest first: the order the trainer runs them."""
         with self._read() as conn:
-            rows = conn.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY id").fetchall()
-        return [_job_of(row) for row in rows]
+            rows = conn.execute(text("SELECT * FROM jobs WHERE state = 'queued' ORDER BY id"))
+            return [_job_of(row) for row in rows.mappings().all()]
 
     def recover_interrupted(self) -> list[Job]:
         """At start-up: jobs left "running" died with the process. Each becomes "failed" and is
-        queued again (trigger "recovery"); returns the new jobs."""
-        now = time.time()
+        queued again (trigger "recovery"); returns the new jobs.
+
+        Only jobs the process ran itself, without a lease: a job a worker claimed is alive as
+        long as its lease is (see ``expire_leases``)."""
         with self._write() as conn:
-            running = conn.execute("SELECT * FROM jobs WHERE state = 'running' ORDER BY id")
-            recovered = []
-            for old in [_job_of(row) for row in running.fetchall()]:
-                conn.execute(
-                    "UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE id = ?",
-                    (now, _INTERRUPTED, old.id),
+            rows = conn.execute(
+                text(
+                    "SELECT * FROM jobs WHERE state = 'running' AND lease_until IS NULL ORDER BY id"
                 )
-                cursor = conn.execute(
-                    "INSERT INTO jobs (project_id, kind, trigger, state, requested_at) "
-                    "VALUES (?, ?, 'recovery', 'queued', ?)",
-                    (old.project_id, old.kind, now),
-                )
-                recovered.append(_job(conn, _require_int(cursor.lastrowid, "job id")))
-                logger.warning(
-                    "Job %d (%s, project %d) was interrupted by a restart: queued again as %d",
-                    old.id,
-                    old.kind,
-                    old.project_id,
-                    recovered[-1].id,
-                )
+            ).mappings()
+            interrupted = [_job_of(row) for row in rows.all()]
+            recovered = [_requeue(conn, old, _INTERRUPTED) for old in interrupted]
+        for old, new in zip(interrupted, recovered, strict=True):
+            logger.warning(
+                "Job %d (%s, project %d) was interrupted by a restart: queued again as %d",
+                old.id,
+                old.kind,
+                old.project_id,
+                new.id,
+            )
         return recovered
+
+    # -- model versions -----------------------------------------------------------------------
+
+    def next_version_number(self, lineage: str, *, at_least: int = 1) -> int:
+        """The lineage's next model version number: one more than the last one handed out, or
+        ``at_least`` if that is higher (versions published before the counter existed). Never
+        the same number twice for a lineage, whichever process asks; stored before returning."""
+        if not isinstance(lineage, str) or not lineage:
+            raise ValueError(f"a version counter needs a non-empty lineage string, got {lineage!r}")
+        floor = _require_int(at_least, "at_least")
+        with self._write() as conn:
+            last = conn.execute(
+                text("SELECT last FROM version_counters WHERE lineage = :lineage"),
+                {"lineage": lineage},
+            ).scalar()
+            number = max(floor, 1 if last is None else int(last) + 1)
+            sql = (
+                "INSERT INTO version_counters (lineage, last) VALUES (:lineage, :number)"
+                if last is None
+                else "UPDATE version_counters SET last = :number WHERE lineage = :lineage"
+            )
+            conn.execute(text(sql), {"lineage": lineage, "number": number})
+        return number
+
+
+_MIGRATIONS: dict[int, Any] = {}  # filled below: version -> the step to version + 1
+
+
+def _migrate_1_to_2(conn: Connection) -> None:
+    """Workers in other processes: jobs record who runs them and until when (leases), and model
+    version numbers come from a shared counter."""
+    real = _REAL.compile(dialect=conn.dialect)
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN worker TEXT"))
+    conn.execute(text(f"ALTER TABLE jobs ADD COLUMN lease_until {real}"))
+    _metadata.create_all(conn, tables=[_version_counters])
+
+
+_MIGRATIONS[1] = _migrate_1_to_2
+
+
+# --------------------------------------------------------------------------- databases
+
+
+def _parse_location(location: Path | str) -> tuple[URL, Path | None]:
+    """The database's URL, and the file when it is SQLite."""
+    if isinstance(location, str) and "://" in location:
+        try:
+            url = make_url(location)
+        except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+            raise LedgerError(
+                f"the ledger location {_redacted(location)} is not a database URL; use a file "
+                "path or postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+            ) from None
+        backend = url.get_backend_name()
+        if backend == "postgresql":
+            if url.drivername not in ("postgresql", "postgresql+psycopg"):
+                raise LedgerError(
+                    f"the ledger {url.render_as_string(hide_password=True)} names the driver "
+                    f"{url.get_driver_name()!r}; the ledger talks to PostgreSQL through psycopg 3: "
+                    "use postgresql:// or postgresql+psycopg://"
+                )
+            return url.set(drivername="postgresql+psycopg"), None
+        if backend == "sqlite" and url.database and url.database != ":memory:":
+            path = Path(url.database)
+            return _sqlite_url(path), path
+        raise LedgerError(
+            f"the ledger location {url.render_as_string(hide_password=True)} is neither a SQLite "
+            "file nor a PostgreSQL database; use a file path, sqlite:///PATH or "
+            "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+        )
+    path = Path(location)
+    return _sqlite_url(path), path
+
+
+def _sqlite_url(path: Path) -> URL:
+    return URL.create("sqlite+pysqlite", database=str(path))
+
+
+def _redacted(location: str) -> str:
+    """A URL SQLAlchemy cannot parse, with whatever sits where a password would blanked out."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", location)
+
+
+def _sqlite_engine(url: URL, where: str) -> Engine:
+    engine = create_engine(
+        url, connect_args={"timeout": _BUSY_TIMEOUT_S, "check_same_thread": False}
+    )
+    warned: list[bool] = []
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+        # isolation_level=None: the driver opens no transaction of its own, "begin" below does
+        # (SQLAlchemy's pysqlite recipe), so SQLite's own locking applies as written.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
+            mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal" and not warned:
+                # Still correct, only readers (e.g. `labelloop status`) may wait for writers.
+                logger.warning(
+                    "The ledger %s runs in %s journal mode: WAL is not available", where, mode
+                )
+                warned.append(True)
+            # FULL, not WAL's usual NORMAL: NORMAL can lose the last commits on power loss, and
+            # those are annotations Label Studio will not send again.
+            cursor.execute("PRAGMA synchronous = FULL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # IMMEDIATE takes the write lock up front, so a read-then-write is atomic also against
+        # another process on the file; a read stays deferred and does not block writers.
+        write = conn.get_execution_options().get(_WRITE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+def _postgres_engine(url: URL) -> Engine:
+    connect_args: dict[str, object] = {}
+    if "connect_timeout" not in url.query:
+        connect_args["connect_timeout"] = 10  # a dead host fails a call, it does not hang it
+    if "application_name" not in url.query:
+        connect_args["application_name"] = "labelloop"
+    return create_engine(
+        url,
+        # Pre-ping: connections the server dropped (a restart) are replaced before a statement
+        # fails on them.
+        pool_pre_ping=True,
+        # Whatever the server's default: after the advisory lock each statement must see what
+        # the previous writers committed, which REPEATABLE READ's snapshot (taken when the lock
+        # was requested) would not.
+        isolation_level="READ COMMITTED",
+        connect_args=connect_args,
+    )
 
 
 # --------------------------------------------------------------------------- SQL helpers
@@ -541,65 +986,106 @@ def _check_job_request(kind: str, trigger: str) -> None:
             raise ValueError(f"a job needs a non-empty {name} string, got {value!r}")
 
 
-def _insert_job(conn: sqlite3.Connection, project_id: int, kind: str, trigger: str) -> Job:
+def _check_worker(worker: str) -> str:
+    if not isinstance(worker, str) or not worker:
+        raise ValueError(f"a worker needs a non-empty name string, got {worker!r}")
+    return str(worker)
+
+
+def _check_lease(lease_s: float) -> float:
+    if (
+        not isinstance(lease_s, int | float)
+        or isinstance(lease_s, bool)
+        or not math.isfinite(lease_s)
+        or lease_s <= 0
+    ):
+        raise ValueError(f"a lease must last a positive number of seconds, got {lease_s!r}")
+    return float(lease_s)
+
+
+def _insert_job(conn: Connection, project_id: int, kind: str, trigger: str) -> Job:
     _ensure_projects(conn, {project_id})
-    cursor = conn.execute(
-        "INSERT INTO jobs (project_id, kind, trigger, state, requested_at) "
-        "VALUES (?, ?, ?, 'queued', ?)",
-        (project_id, str(kind), trigger, time.time()),
+    job_id = conn.execute(
+        text(
+            "INSERT INTO jobs (project_id, kind, trigger, state, requested_at)"
+            " VALUES (:project_id, :kind, :trigger, 'queued', :now) RETURNING id"
+        ),
+        {"project_id": project_id, "kind": str(kind), "trigger": trigger, "now": time.time()},
+    ).scalar_one()
+    return _job(conn, int(job_id))
+
+
+def _requeue(conn: Connection, old: Job, error: str) -> Job:
+    """``old`` died with its process or worker: failed, and the same kind queued again."""
+    now = time.time()
+    conn.execute(
+        text("UPDATE jobs SET state = 'failed', finished_at = :now, error = :error WHERE id = :id"),
+        {"now": now, "error": error, "id": old.id},
     )
-    return _job(conn, _require_int(cursor.lastrowid, "job id"))
+    job_id = conn.execute(
+        text(
+            "INSERT INTO jobs (project_id, kind, trigger, state, requested_at)"
+            " VALUES (:project_id, :kind, 'recovery', 'queued', :now) RETURNING id"
+        ),
+        {"project_id": old.project_id, "kind": old.kind, "now": now},
+    ).scalar_one()
+    return _job(conn, int(job_id))
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    # isolation_level=None: transactions are explicit (Ledger._write), never implicit.
-    conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA busy_timeout = 5000")
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        # Still correct, only readers (e.g. `labelloop status`) may wait for writers.
-        logger.warning("The ledger %s runs in %s journal mode: WAL is not available", path, mode)
-    # FULL, not WAL's usual NORMAL: NORMAL can lose the last commits on power loss, and those
-    # are annotations Label Studio will not send again.
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("PRAGMA foreign_keys = ON")
-    return conn
+def _ensure_projects(conn: Connection, project_ids: Iterable[int]) -> None:
+    ids = sorted(_require_int(project_id, "project id") for project_id in project_ids)
+    if ids:
+        conn.execute(
+            text("INSERT INTO projects (project_id) VALUES (:project_id) ON CONFLICT DO NOTHING"),
+            [{"project_id": project_id} for project_id in ids],
+        )
 
 
-def _ensure_projects(conn: sqlite3.Connection, project_ids: Iterable[int]) -> None:
-    conn.executemany(
-        "INSERT OR IGNORE INTO projects (project_id) VALUES (?)",
-        [(_require_int(project_id, "project id"),) for project_id in project_ids],
-    )
-
-
-def _project_filter(project_id: int | None) -> tuple[str, tuple[int, ...]]:
+def _project_filter(project_id: int | None) -> tuple[str, dict[str, int]]:
     """A WHERE clause for one project, or none for all."""
-    return ("WHERE project_id = ?", (project_id,)) if project_id is not None else ("", ())
+    if project_id is None:
+        return "", {}
+    return "WHERE project_id = :project_id", {"project_id": project_id}
 
 
-def _project_ids(conn: sqlite3.Connection) -> list[int]:
-    return [row[0] for row in conn.execute("SELECT project_id FROM projects ORDER BY project_id")]
+def _project_ids(conn: Connection) -> list[int]:
+    rows = conn.execute(text("SELECT project_id FROM projects ORDER BY project_id"))
+    return [int(project_id) for project_id in rows.scalars()]
 
 
-def _count_changes(conn: sqlite3.Connection, changes: Mapping[int, int], now: float) -> None:
-    conn.executemany(
-        "UPDATE projects SET change_seq = change_seq + ?, last_change_at = ? WHERE project_id = ?",
-        [(count, now, project_id) for project_id, count in changes.items() if count],
-    )
+def _count_changes(conn: Connection, changes: Mapping[int, int], now: float) -> None:
+    params = [
+        {"count": count, "now": now, "project_id": project_id}
+        for project_id, count in changes.items()
+        if count
+    ]
+    if params:
+        conn.execute(
+            text(
+                "UPDATE projects SET change_seq = change_seq + :count, last_change_at = :now"
+                " WHERE project_id = :project_id"
+            ),
+            params,
+        )
 
 
-def _apply(conn: sqlite3.Connection, row: _Row, now: float, *, revive_before: float | None) -> str:
+def _apply(conn: Connection, row: _Row, now: float, *, revive_before: float | None) -> str:
     """Store one annotation; returns "added", "updated" or "unchanged".
 
     ``revive_before``: a tombstone older than this is revived (reconcile); None never revives.
     """
-    stored = conn.execute(
-        "SELECT task_id, image_ref, labels, updated_ts, was_cancelled, ground_truth, deleted_at "
-        "FROM annotations WHERE project_id = ? AND annotation_id = ?",
-        (row.project_id, row.annotation_id),
-    ).fetchone()
+    stored = (
+        conn.execute(
+            text(
+                "SELECT task_id, image_ref, labels, updated_ts, was_cancelled, ground_truth,"
+                " deleted_at FROM annotations"
+                " WHERE project_id = :project_id AND annotation_id = :annotation_id"
+            ),
+            {"project_id": row.project_id, "annotation_id": row.annotation_id},
+        )
+        .mappings()
+        .first()
+    )
     if stored is None:
         _insert(conn, row, now)
         return "added"
@@ -609,9 +1095,11 @@ def _apply(conn: sqlite3.Connection, row: _Row, now: float, *, revive_before: fl
     if row.updated_ts < stored["updated_ts"]:
         if revived:
             conn.execute(
-                "UPDATE annotations SET deleted_at = NULL, received_at = ? "
-                "WHERE project_id = ? AND annotation_id = ?",
-                (now, row.project_id, row.annotation_id),
+                text(
+                    "UPDATE annotations SET deleted_at = NULL, received_at = :now"
+                    " WHERE project_id = :project_id AND annotation_id = :annotation_id"
+                ),
+                {"now": now, "project_id": row.project_id, "annotation_id": row.annotation_id},
             )
             return "added"
         logger.debug("Annotation %d: older update ignored", row.annotation_id)
@@ -626,22 +1114,13 @@ def _apply(conn: sqlite3.Connection, row: _Row, now: float, *, revive_before: fl
         bool(stored["ground_truth"]),
     )
     conn.execute(
-        "UPDATE annotations SET task_id = ?, image_ref = ?, labels = ?, updated_at = ?,"
-        " updated_ts = ?, was_cancelled = ?, ground_truth = ?, completed_by = ?,"
-        " received_at = ?, deleted_at = NULL WHERE project_id = ? AND annotation_id = ?",
-        (
-            row.task_id,
-            image_ref,
-            row.labels,
-            row.updated_at,
-            row.updated_ts,
-            row.was_cancelled,
-            row.ground_truth,
-            row.completed_by,
-            now,
-            row.project_id,
-            row.annotation_id,
+        text(
+            "UPDATE annotations SET task_id = :task_id, image_ref = :image_ref, labels = :labels,"
+            " updated_at = :updated_at, updated_ts = :updated_ts, was_cancelled = :was_cancelled,"
+            " ground_truth = :ground_truth, completed_by = :completed_by, received_at = :now,"
+            " deleted_at = NULL WHERE project_id = :project_id AND annotation_id = :annotation_id"
         ),
+        {**row.params(now), "image_ref": image_ref},
     )
     if revived:
         return "added"
@@ -649,55 +1128,55 @@ def _apply(conn: sqlite3.Connection, row: _Row, now: float, *, revive_before: fl
     return "updated" if after != before else "unchanged"
 
 
-def _insert(conn: sqlite3.Connection, row: _Row, now: float) -> None:
+def _insert(conn: Connection, row: _Row, now: float) -> None:
     conn.execute(
-        "INSERT INTO annotations (project_id, annotation_id, task_id, image_ref, labels,"
-        " updated_at, updated_ts, was_cancelled, ground_truth, completed_by, received_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            row.project_id,
-            row.annotation_id,
-            row.task_id,
-            row.image_ref,
-            row.labels,
-            row.updated_at,
-            row.updated_ts,
-            row.was_cancelled,
-            row.ground_truth,
-            row.completed_by,
-            now,
+        text(
+            "INSERT INTO annotations (project_id, annotation_id, task_id, image_ref, labels,"
+            " updated_at, updated_ts, was_cancelled, ground_truth, completed_by, received_at)"
+            " VALUES (:project_id, :annotation_id, :task_id, :image_ref, :labels, :updated_at,"
+            " :updated_ts, :was_cancelled, :ground_truth, :completed_by, :now)"
         ),
+        row.params(now),
     )
 
 
 def _tombstone_missing(
-    conn: sqlite3.Connection, project_id: int, present: set[int], cutoff: float, now: float
+    conn: Connection, project_id: int, present: set[int], cutoff: float, now: float
 ) -> int:
     live = conn.execute(
-        "SELECT annotation_id, received_at FROM annotations "
-        "WHERE project_id = ? AND deleted_at IS NULL",
-        (project_id,),
-    ).fetchall()
+        text(
+            "SELECT annotation_id, received_at FROM annotations"
+            " WHERE project_id = :project_id AND deleted_at IS NULL"
+        ),
+        {"project_id": project_id},
+    ).mappings()
     missing = [
-        (now, project_id, row["annotation_id"])
-        for row in live
+        {"now": now, "project_id": project_id, "annotation_id": row["annotation_id"]}
+        for row in live.all()
         if row["annotation_id"] not in present and row["received_at"] < cutoff
     ]
-    conn.executemany(
-        "UPDATE annotations SET deleted_at = ? WHERE project_id = ? AND annotation_id = ?", missing
-    )
+    if missing:
+        conn.execute(
+            text(
+                "UPDATE annotations SET deleted_at = :now"
+                " WHERE project_id = :project_id AND annotation_id = :annotation_id"
+            ),
+            missing,
+        )
     return len(missing)
 
 
-def _training_set(conn: sqlite3.Connection, project_id: int) -> list[TrainingExample]:
+def _training_set(conn: Connection, project_id: int) -> list[TrainingExample]:
     rows = conn.execute(
-        "SELECT annotation_id, task_id, image_ref, labels, updated_at, updated_ts,"
-        " was_cancelled, ground_truth FROM annotations"
-        " WHERE project_id = ? AND deleted_at IS NULL ORDER BY task_id",
-        (project_id,),
-    ).fetchall()
-    by_task: dict[int, list[sqlite3.Row]] = defaultdict(list)
-    for row in rows:
+        text(
+            "SELECT annotation_id, task_id, image_ref, labels, updated_at, updated_ts,"
+            " was_cancelled, ground_truth FROM annotations"
+            " WHERE project_id = :project_id AND deleted_at IS NULL ORDER BY task_id"
+        ),
+        {"project_id": project_id},
+    ).mappings()
+    by_task: dict[int, list[RowMapping]] = defaultdict(list)
+    for row in rows.all():
         by_task[row["task_id"]].append(row)
     examples = []
     for task_id, task_rows in by_task.items():
@@ -709,8 +1188,8 @@ def _training_set(conn: sqlite3.Connection, project_id: int) -> list[TrainingExa
             continue
         examples.append(
             TrainingExample(
-                task_id=task_id,
-                annotation_id=winner["annotation_id"],
+                task_id=int(task_id),
+                annotation_id=int(winner["annotation_id"]),
                 image_ref=image_ref,
                 labels=_labels_of(winner["labels"]),
                 updated_at=winner["updated_at"],
@@ -720,13 +1199,13 @@ def _training_set(conn: sqlite3.Connection, project_id: int) -> list[TrainingExa
     return examples
 
 
-def _pick(rows: Sequence[sqlite3.Row]) -> sqlite3.Row | None:
+def _pick(rows: Sequence[RowMapping]) -> RowMapping | None:
     """The annotation that labels a task (``winning_annotation``: skips never count, a ground
     truth beats any other, then the latest updated_ts, then the higher id)."""
     return winning_annotation(rows, _rank)
 
 
-def _rank(row: sqlite3.Row) -> AnnotationRank:
+def _rank(row: RowMapping) -> AnnotationRank:
     return AnnotationRank(
         was_cancelled=bool(row["was_cancelled"]),
         ground_truth=bool(row["ground_truth"]),
@@ -735,14 +1214,18 @@ def _rank(row: sqlite3.Row) -> AnnotationRank:
     )
 
 
-def _job(conn: sqlite3.Connection, job_id: int) -> Job:
-    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+def _job(conn: Connection, job_id: int) -> Job:
+    row = (
+        conn.execute(text("SELECT * FROM jobs WHERE id = :job_id"), {"job_id": job_id})
+        .mappings()
+        .first()
+    )
     if row is None:
         raise KeyError(f"no training job {job_id} in the ledger")
     return _job_of(row)
 
 
-def _job_of(row: sqlite3.Row) -> Job:
+def _job_of(row: RowMapping) -> Job:
     values = dict(row)
     values["metrics"] = json.loads(values["metrics"]) if values["metrics"] else {}
     return Job(**values)
