@@ -17,14 +17,16 @@ Rules the training set relies on:
 Why SQLAlchemy Core: one copy of the SQL (``text()`` that both dialects read), of the schema
 (``MetaData``, created on start-up) and of the migrations, instead of two stores that drift
 apart; its pool reconnects after a database restart. No ORM: the rules above are a few plain
-statements on four tables.
+statements on a handful of tables.
 
 Writes are serialized, so each read-then-write (the out-of-order rule in ``_apply``,
 ``request_job``'s coalescing, claims, counters) is atomic against every other writer, in this
 process or another:
 
+* In the process, one write at a time (a lock): threads queue there rather than in SQLite's
+  busy handler or on pooled PostgreSQL connections, since the database serializes writes anyway.
 * SQLite: a write transaction starts with BEGIN IMMEDIATE, which takes the file's write lock
-  before the first read; a lock in the process keeps its own threads out of the busy handler.
+  before the first read.
 * PostgreSQL: a write transaction first takes one transaction-scoped advisory lock
   (``pg_advisory_xact_lock`` on a constant key), which COMMIT, ROLLBACK or a lost connection
   release. Under READ COMMITTED every later statement then sees what the previous holders
@@ -53,7 +55,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -352,7 +354,8 @@ class Ledger:
     """The ledger on SQLite (``Ledger(path)``: a file, made with its folder when missing) or on
     PostgreSQL (``Ledger("postgresql://user:password@host:port/database")``; the tables are made
     in the database when missing, the database itself must exist). One object serves every
-    thread. ``url`` names the database without its password, for messages and logs."""
+    thread. ``url`` names the database without its password, for messages and logs; ``path`` is
+    the SQLite file, None on PostgreSQL."""
 
     def __init__(self, location: Path | str) -> None:
         url, self.path = _parse_location(location)
@@ -361,11 +364,7 @@ class Ledger:
         self._postgres = url.get_backend_name() == "postgresql"
         # Where messages say the ledger is: the file, or the URL.
         self._where = str(self.path) if self.path is not None else self.url
-        # SQLite: one writer at a time in the process, so threads queue here rather than in
-        # SQLite's busy handler. PostgreSQL's advisory lock queues them in the server.
-        self._write_lock: AbstractContextManager[Any] = (
-            nullcontext() if self._postgres else threading.Lock()
-        )
+        self._write_lock = threading.Lock()  # see the module doc
         self._engine: Engine | None = None
         try:
             if self.path is not None:
@@ -405,7 +404,8 @@ class Ledger:
         read of several statements sees one state of the database.
         """
         assert self._engine is not None, "the ledger failed to open"
-        with self._write_lock if write else nullcontext(), self._engine.connect() as conn:
+        lock: AbstractContextManager[Any] = self._write_lock if write else nullcontext()
+        with lock, self._engine.connect() as conn:
             if not write:
                 # Both databases begin a transaction with the first statement (SQLite: a
                 # deferred BEGIN, one snapshot until it ends); closing rolls it back.
@@ -717,7 +717,8 @@ class Ledger:
 
         Returns None, and changes nothing, when the job is not queued (any more; or unknown) or
         when another job of its project is running: one job per project at a time, whichever
-        worker or process claims it.
+        worker or process claims it (a job whose lease ran out counts until ``expire_leases``
+        ends it).
         """
         name = _check_worker(worker)
         lease = _check_lease(lease_s)
@@ -862,9 +863,6 @@ class Ledger:
         return number
 
 
-_MIGRATIONS: dict[int, Any] = {}  # filled below: version -> the step to version + 1
-
-
 def _migrate_1_to_2(conn: Connection) -> None:
     """Workers in other processes: jobs record who runs them and until when (leases), and model
     version numbers come from a shared counter."""
@@ -874,7 +872,8 @@ def _migrate_1_to_2(conn: Connection) -> None:
     _metadata.create_all(conn, tables=[_version_counters])
 
 
-_MIGRATIONS[1] = _migrate_1_to_2
+# Schema version -> the step to the next one; opening a ledger runs the steps it lacks.
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2}
 
 
 # --------------------------------------------------------------------------- databases
