@@ -21,6 +21,8 @@ from labelloop.config import LoadMode, TrainConfig, load_config
 from labelloop.errors import CheckpointError, ConfigError, DataError, StoreError
 
 if TYPE_CHECKING:
+    from labelloop.lineages import Lineages
+    from labelloop.loop.trainer import TrainerSettings
     from labelloop.store import ModelStore
 
 logger = logging.getLogger("labelloop")
@@ -214,6 +216,14 @@ def train(
         typer.Option(help="Also hard-link the images into DIR/train, DIR/val, DIR/test."),
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    store_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="LABELLOOP_STORE_URL",
+            help="Publish into this object store (s3://bucket/prefix) as the base model of "
+            "the distributed mode; MODEL_DIR is then its local cache.",
+        ),
+    ] = None,
 ) -> None:
     """Train a model, tune per-class thresholds, evaluate on the test split, publish a version."""
     from labelloop.training.offline import DataSource, TrainOptions, run_training
@@ -248,6 +258,7 @@ def train(
             resume=resume,
             materialize_splits_to=materialize_splits,
             show_progress=progress,
+            store_url=store_url,
         ),
     )
     if outcome is None:  # a non-zero torchrun rank
@@ -338,27 +349,38 @@ def predict(
         typer.echo(frame.to_csv(index=False), nl=False)
 
 
-def _lineages(model_dir: Path) -> None:
-    """Move a folder from before per-project lineages into the new layout (idempotent)."""
-    from labelloop.lineages import migrate_layout
+def _ledger_location(model_dir: Path) -> Path | str | None:
+    """The ledger the backend writes: LABELLOOP_DATABASE_URL (distributed), else MODEL_DIR's
+    SQLite file; None when there is none yet."""
+    url = os.environ.get("LABELLOOP_DATABASE_URL")
+    if url:
+        return url
+    path = model_dir / "ledger.sqlite3"
+    return path if path.is_file() else None
+
+
+def _lineages(model_dir: Path) -> Lineages:
+    """Where the lineages are: MODEL_DIR, or LABELLOOP_STORE_URL with MODEL_DIR as its cache.
+    A folder from before per-project lineages is moved into the new layout (idempotent)."""
+    from labelloop.lineages import Lineages, migrate_layout
     from labelloop.loop.ledger import Ledger
 
-    known: list[int] = []
-    ledger_path = model_dir / "ledger.sqlite3"
-    if ledger_path.is_file():
-        ledger = Ledger(ledger_path)
-        try:
-            known = ledger.projects()
-        finally:
-            ledger.close()
-    migrate_layout(model_dir, sole_project=known[0] if len(known) == 1 else None)
+    store_url = os.environ.get("LABELLOOP_STORE_URL") or None
+    if store_url is None:
+        known: list[int] = []
+        location = _ledger_location(model_dir)
+        if location is not None:
+            ledger = Ledger(location)
+            try:
+                known = ledger.projects()
+            finally:
+                ledger.close()
+        migrate_layout(model_dir, sole_project=known[0] if len(known) == 1 else None)
+    return Lineages(model_dir, store_url=store_url)
 
 
-def _store_of(model_dir: Path, project: int | None) -> ModelStore:
-    from labelloop.lineages import project_store
-    from labelloop.store import ModelStore
-
-    return ModelStore(model_dir) if project is None else project_store(model_dir, project)
+def _store_of(lineages: Lineages, project: int | None) -> ModelStore:
+    return lineages.base() if project is None else lineages.project(project)
 
 
 @app.command()
@@ -368,14 +390,12 @@ def versions(model_dir: ModelDirOpt, project: ProjectOpt = None) -> None:
 
     Without --project: the base model's versions (what `labelloop train` publishes), then
     every project with a lineage of its own and its current version."""
-    from labelloop.lineages import project_store, projects_with_lineage
-
-    _lineages(model_dir)
-    store = _store_of(model_dir, project)
+    lineages = _lineages(model_dir)
+    store = _store_of(lineages, project)
     current = store.current_version()
     names = store.versions()
     if project is not None and not names:
-        base = _store_of(model_dir, None).current_version()
+        base = lineages.base().current_version()
         typer.echo(
             f"project {project} has no version of its own yet; it is served the base model "
             f"({base or 'none'}) when its label config shares classes with it"
@@ -398,11 +418,11 @@ def versions(model_dir: ModelDirOpt, project: ProjectOpt = None) -> None:
             line += " (weights pruned)"
         typer.echo(line)
     if project is None:
-        lineages = projects_with_lineage(model_dir)
-        if lineages:
+        projects = lineages.projects()
+        if projects:
             typer.echo("projects:")
-        for project_id in lineages:
-            lineage = project_store(model_dir, project_id)
+        for project_id in projects:
+            lineage = lineages.project(project_id)
             typer.echo(
                 f"  {project_id}: {lineage.current_version() or 'none'} "
                 f"({len(lineage.versions())} versions)"
@@ -420,10 +440,103 @@ def rollback(
 
     A running backend serves it from its next request on, and refreshes the project's
     predictions and ML-backend entry name."""
-    _lineages(model_dir)
-    _store_of(model_dir, project).set_current(version, reason="rollback")
+    _store_of(_lineages(model_dir), project).set_current(version, reason="rollback")
     where = f"project {project}" if project is not None else "base model"
     typer.echo(f"{where}: current -> {version}")
+
+
+# Training knobs shared by `serve` (embedded: it trains) and `worker` (distributed).
+AutoTrainAfterOpt = Annotated[
+    int, typer.Option(help="Fast update after this many new or changed annotations.")
+]
+QuietSecondsOpt = Annotated[
+    float, typer.Option(help="...or after this many seconds without a new annotation.")
+]
+HoldoutPercentOpt = Annotated[
+    int, typer.Option(help="Share of annotated tasks never trained on, to compare models.")
+]
+ToleranceOpt = Annotated[
+    float, typer.Option(help="Promote unless held-out macro-F1 drops by more than this.")
+]
+BackboneOpt = Annotated[
+    str,
+    typer.Option(
+        envvar="LABELLOOP_COLD_START_BACKBONE",
+        help="First model of a project with no model: a torchvision backbone, or auto "
+        "(the best one with ImageNet weights at hand, offline MobileNetV2 here).",
+    ),
+]
+WeightsOpt = Annotated[
+    str,
+    typer.Option(
+        envvar="LABELLOOP_COLD_START_WEIGHTS",
+        help="Its weights: imagenet, none, or a checkpoint file.",
+    ),
+]
+AutoFullOpt = Annotated[
+    bool,
+    typer.Option(help="Fine-tune the whole network in the background as labels grow."),
+]
+TrainNiceOpt = Annotated[
+    int,
+    typer.Option(
+        min=0, max=19, help="CPU priority decrease (nice) of full fine-tunes vs requests."
+    ),
+]
+ReconcileSecondsOpt = Annotated[
+    float,
+    typer.Option(
+        envvar="LABELLOOP_RECONCILE_SECONDS",
+        help="Reconcile with Label Studio this often (recovers webhooks that were lost).",
+    ),
+]
+RefreshOpt = Annotated[
+    bool, typer.Option(help="After a promotion, re-predict and push unlabelled tasks.")
+]
+RenameBackendOpt = Annotated[
+    bool,
+    typer.Option(help="After a promotion, rename our ML backend entry to the version."),
+]
+PublicUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        envvar="LABELLOOP_PUBLIC_URL",
+        help="The URL Label Studio reaches this backend at [http://HOST:PORT].",
+    ),
+]
+LabelStudioUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        envvar="LABEL_STUDIO_URL", help="Label Studio base URL (else the one /setup sends)."
+    ),
+]
+
+
+def _trainer_settings(
+    *,
+    auto_train_after: int,
+    quiet_seconds: float,
+    holdout_percent: int,
+    tolerance: float,
+    backbone: str,
+    weights: str,
+    auto_full: bool,
+    train_nice: int,
+    reconcile_seconds: float,
+) -> TrainerSettings:
+    from labelloop.loop.trainer import TrainerSettings
+
+    return TrainerSettings(
+        auto_train_after=auto_train_after,
+        quiet_seconds=quiet_seconds,
+        holdout_percent=holdout_percent,
+        tolerance=tolerance,
+        train_nice=train_nice,
+        cold_start_backbone=backbone,
+        cold_start_weights=weights,
+        auto_full=auto_full,
+        reconcile_seconds=reconcile_seconds,
+    )
 
 
 @app.command()
@@ -434,12 +547,7 @@ def serve(
         str, typer.Option(help="Address to bind; keep 127.0.0.1 unless behind a proxy.")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 9090,
-    label_studio_url: Annotated[
-        str | None,
-        typer.Option(
-            envvar="LABEL_STUDIO_URL", help="Label Studio base URL (else the one /setup sends)."
-        ),
-    ] = None,
+    label_studio_url: LabelStudioUrlOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per forward pass [16].")] = None,
     fetch_workers: Annotated[
         int | None, typer.Option(help="Concurrent image downloads [8].")
@@ -447,57 +555,18 @@ def serve(
     cache_dir: Annotated[
         Path | None, typer.Option(help="Image download cache [MODEL_DIR/cache/images].")
     ] = None,
-    auto_train_after: Annotated[
-        int, typer.Option(help="Fast update after this many new or changed annotations.")
-    ] = 10,
-    quiet_seconds: Annotated[
-        float, typer.Option(help="...or after this many seconds without a new annotation.")
-    ] = 60.0,
-    holdout_percent: Annotated[
-        int, typer.Option(help="Share of annotated tasks never trained on, to compare models.")
-    ] = 20,
-    tolerance: Annotated[
-        float, typer.Option(help="Promote unless held-out macro-F1 drops by more than this.")
-    ] = 0.01,
-    backbone: Annotated[
-        str,
-        typer.Option(
-            envvar="LABELLOOP_COLD_START_BACKBONE",
-            help="First model of a project with no model: a torchvision backbone, or auto "
-            "(the best one with ImageNet weights at hand, offline MobileNetV2 here).",
-        ),
-    ] = "auto",
-    weights: Annotated[
-        str,
-        typer.Option(
-            envvar="LABELLOOP_COLD_START_WEIGHTS",
-            help="Its weights: imagenet, none, or a checkpoint file.",
-        ),
-    ] = "imagenet",
-    auto_full: Annotated[
-        bool,
-        typer.Option(help="Fine-tune the whole network in the background as labels grow."),
-    ] = True,
-    train_nice: Annotated[
-        int,
-        typer.Option(
-            min=0, max=19, help="CPU priority decrease (nice) of full fine-tunes vs requests."
-        ),
-    ] = 10,
-    refresh: Annotated[
-        bool, typer.Option(help="After a promotion, re-predict and push unlabelled tasks.")
-    ] = True,
-    rename_backend: Annotated[
-        bool,
-        typer.Option(help="After a promotion, rename our ML backend entry to the version."),
-    ] = True,
-    public_url: Annotated[
-        str | None,
-        typer.Option(
-            envvar="LABELLOOP_PUBLIC_URL",
-            help="The URL Label Studio reaches this backend at [http://HOST:PORT].",
-        ),
-    ] = None,
+    auto_train_after: AutoTrainAfterOpt = 10,
+    quiet_seconds: QuietSecondsOpt = 60.0,
+    holdout_percent: HoldoutPercentOpt = 20,
+    tolerance: ToleranceOpt = 0.01,
+    backbone: BackboneOpt = "auto",
+    weights: WeightsOpt = "imagenet",
+    auto_full: AutoFullOpt = True,
+    train_nice: TrainNiceOpt = 10,
+    reconcile_seconds: ReconcileSecondsOpt = 600.0,
+    refresh: RefreshOpt = True,
+    rename_backend: RenameBackendOpt = True,
+    public_url: PublicUrlOpt = None,
     runtime: Annotated[
         str | None,
         typer.Option(
@@ -523,7 +592,6 @@ def serve(
     """
     import uvicorn
 
-    from labelloop.loop.trainer import TrainerSettings
     from labelloop.serve.app import build_app
     from labelloop.serve.settings import settings_from
 
@@ -545,15 +613,16 @@ def serve(
     )
     app_ = build_app(
         settings,
-        TrainerSettings(
+        _trainer_settings(
             auto_train_after=auto_train_after,
             quiet_seconds=quiet_seconds,
             holdout_percent=holdout_percent,
             tolerance=tolerance,
-            train_nice=train_nice,
-            cold_start_backbone=backbone,
-            cold_start_weights=weights,
+            backbone=backbone,
+            weights=weights,
             auto_full=auto_full,
+            train_nice=train_nice,
+            reconcile_seconds=reconcile_seconds,
         ),
     )
     logger.info("Serving %s on http://%s:%d", settings.model_dir, settings.host, settings.port)
@@ -564,6 +633,84 @@ def serve(
         log_level=logging.getLogger().level,
         access_log=False,
     )
+
+
+@app.command()
+@_user_errors
+def worker(
+    model_dir: Annotated[
+        Path,
+        typer.Option(
+            "--model-dir", envvar="MODEL_DIR", help="Local cache of model versions and images."
+        ),
+    ],
+    label_studio_url: LabelStudioUrlOpt = None,
+    auto_train_after: AutoTrainAfterOpt = 10,
+    quiet_seconds: QuietSecondsOpt = 60.0,
+    holdout_percent: HoldoutPercentOpt = 20,
+    tolerance: ToleranceOpt = 0.01,
+    backbone: BackboneOpt = "auto",
+    weights: WeightsOpt = "imagenet",
+    auto_full: AutoFullOpt = True,
+    train_nice: TrainNiceOpt = 10,
+    reconcile_seconds: ReconcileSecondsOpt = 600.0,
+    refresh: RefreshOpt = True,
+    rename_backend: RenameBackendOpt = True,
+    public_url: PublicUrlOpt = None,
+    burst: Annotated[
+        bool, typer.Option(help="Exit once the queue is empty (for scripts and tests).")
+    ] = False,
+) -> None:
+    """Run training jobs from the Redis queue (the distributed mode, docs/deployment.md).
+
+    Needs LABELLOOP_QUEUE_URL (redis://), LABELLOOP_DATABASE_URL (postgresql://) and usually
+    LABELLOOP_STORE_URL (s3://bucket/prefix, with AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and
+    AWS_SECRET_ACCESS_KEY), the same as every `labelloop serve` replica; LABEL_STUDIO_URL and
+    LABEL_STUDIO_API_KEY to read images, reconcile and refresh predictions. Uses CUDA when
+    present. Any number of workers may run: one job per project runs at a time, and the job of
+    a worker that dies is run again by another.
+    """
+    from labelloop.loop.queue import connect, run_worker
+    from labelloop.serve.app import build_components
+    from labelloop.serve.settings import settings_from
+
+    settings = settings_from(
+        {
+            "model_dir": model_dir,
+            "label_studio_url": label_studio_url,
+            "refresh": refresh,
+            "rename_backend": rename_backend,
+            "public_url": public_url,
+        }
+    )
+    if settings.queue_url is None:
+        raise ConfigError(
+            "labelloop worker takes jobs from a Redis queue: set LABELLOOP_QUEUE_URL "
+            "(and LABELLOOP_DATABASE_URL); without them `labelloop serve` trains by itself"
+        )
+    components = build_components(
+        settings,
+        _trainer_settings(
+            auto_train_after=auto_train_after,
+            quiet_seconds=quiet_seconds,
+            holdout_percent=holdout_percent,
+            tolerance=tolerance,
+            backbone=backbone,
+            weights=weights,
+            auto_full=auto_full,
+            train_nice=train_nice,
+            reconcile_seconds=reconcile_seconds,
+        ),
+        worker=True,
+    )
+    try:
+        run_worker(components.trainer, connect(settings.queue_url.get_secret_value()), burst=burst)
+    finally:
+        if components.refresher is not None:
+            components.refresher.stop()
+        components.predictor.close()
+        components.fetchers.close()
+        components.ledger.close()
 
 
 @app.command()
@@ -713,8 +860,9 @@ def _preannotate_here(
     settings = settings_from({"model_dir": model_dir})
     if not settings.label_studio_url or not settings.label_studio_api_key:
         raise ConfigError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to pre-annotate a project")
-    _lineages(model_dir)
-    model = ProjectModels(model_dir, runtime=settings.runtime, max_loaded=1).serving(project)
+    model = ProjectModels(
+        model_dir, runtime=settings.runtime, max_loaded=1, lineages=_lineages(model_dir)
+    ).serving(project)
     if model is None:
         raise StoreError(
             f"no model serves project {project}: neither {model_dir} nor the project's lineage "
@@ -776,11 +924,10 @@ def review(
     from labelloop.serve.settings import settings_from
     from labelloop.store import load_bundle
 
-    ledger_path = model_dir / "ledger.sqlite3"
-    if not ledger_path.is_file():
+    ledger_path = _ledger_location(model_dir)
+    if ledger_path is None:
         raise ConfigError(f"{model_dir} has no ledger: the backend has received no annotation")
-    _lineages(model_dir)
-    models = ProjectModels(model_dir)
+    models = ProjectModels(model_dir, lineages=_lineages(model_dir))
     store = models.store(project) if models.has_lineage(project) else models.base_store
     version = store.current_version()
     if version is None:
@@ -818,21 +965,20 @@ def review(
 @_user_errors
 def status(model_dir: ModelDirOpt, project: ProjectOpt = None) -> None:
     """Current versions, recent training jobs and the annotation ledger, per project."""
-    from labelloop.lineages import project_store
     from labelloop.loop.ledger import Ledger
 
-    _lineages(model_dir)
-    base = _store_of(model_dir, None).current_version()
+    lineages = _lineages(model_dir)
+    base = lineages.base().current_version()
     typer.echo(f"base model: {base or 'none'}")
-    ledger_path = model_dir / "ledger.sqlite3"
-    if not ledger_path.is_file():
+    ledger_path = _ledger_location(model_dir)
+    if ledger_path is None:
         typer.echo("no annotations recorded yet (the backend has not received any)")
         return
     ledger = Ledger(ledger_path)
     try:
         projects = [project] if project is not None else ledger.projects()
         for project_id in projects:
-            own = project_store(model_dir, project_id).current_version()
+            own = lineages.project(project_id).current_version()
             served = own or (f"the base model ({base})" if base else "nothing yet")
             typer.echo(f"project {project_id}: serves {served}")
             typer.echo(f"  ledger: {json.dumps(ledger.stats(project_id))}")

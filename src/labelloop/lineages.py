@@ -20,6 +20,8 @@ the newest offline version.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +50,77 @@ def projects_with_lineage(model_dir: Path) -> list[int]:
         return []
     ids = [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()]
     return sorted(i for i in ids if project_store(model_dir, i).versions())
+
+
+class Lineages:
+    """Where the base model and each project's lineage live.
+
+    Embedded: folders under MODEL_DIR (the layout above). Distributed (`store_url`, e.g.
+    ``s3://bucket/prefix``): the same layout under the object-store prefix, each lineage a
+    `MirroredStore` whose truth is remote and whose MODEL_DIR folder is only a cache; version
+    numbers come from `allocate(lineage)` (the ledger's counter) so several workers publishing
+    into one lineage never pick the same number.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        store_url: str | None = None,
+        poll_seconds: float = 2.0,
+        allocate: Callable[[str, int], int] | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.store_url = store_url.rstrip("/") if store_url else None
+        self.poll_seconds = poll_seconds
+        self._allocate = allocate
+        self._lock = threading.Lock()
+        self._stores: dict[int | None, ModelStore] = {}
+
+    @property
+    def remote(self) -> bool:
+        return self.store_url is not None
+
+    def base(self) -> ModelStore:
+        return self._store(None)
+
+    def project(self, project_id: int) -> ModelStore:
+        project_root(self.model_dir, project_id)  # validates the id
+        return self._store(project_id)
+
+    def projects(self) -> list[int]:
+        """Projects that have published at least one version, by id."""
+        if self.store_url is None:
+            return projects_with_lineage(self.model_dir)
+        from labelloop.objectstore import remote_projects
+
+        return remote_projects(self.store_url)
+
+    def _store(self, project_id: int | None) -> ModelStore:
+        with self._lock:
+            store = self._stores.get(project_id)
+            if store is None:
+                store = self._make(project_id)
+                self._stores[project_id] = store
+            return store
+
+    def _make(self, project_id: int | None) -> ModelStore:
+        local = self.model_dir if project_id is None else project_root(self.model_dir, project_id)
+        if self.store_url is None:
+            return ModelStore(local)
+        from labelloop.objectstore import MirroredStore
+
+        remote = self.store_url
+        if project_id is not None:
+            remote = f"{remote}/{PROJECTS_DIR}/{project_id}"
+        lineage = "base" if project_id is None else f"{PROJECTS_DIR}/{project_id}"
+        allocate = self._allocate
+        return MirroredStore(
+            local,
+            remote,
+            poll_seconds=self.poll_seconds,
+            allocate=(lambda at_least: allocate(lineage, at_least)) if allocate else None,
+        )
 
 
 @dataclass

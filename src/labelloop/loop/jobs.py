@@ -1,8 +1,9 @@
 """Training jobs: their kinds and states, and where they run.
 
 A job is a row of the ledger (queued -> running -> succeeded | rejected | skipped | failed).
-*Where* it runs is the `JobRunner` seam: today an in-process thread (`ThreadRunner`); a queue
-of worker processes can take its place without the scheduling or the updates changing.
+*Where* it runs is the `JobRunner` seam: an in-process thread (`ThreadRunner`, embedded), or a
+Redis queue that worker processes take jobs from (`loop.queue`, distributed), without the
+scheduling or the updates changing.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import logging
 import threading
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from labelloop.loop.ledger import Job
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +41,15 @@ class JobState(StrEnum):
 
 
 class JobRunner(Protocol):
-    """Runs the scheduler's ticks somewhere; `wake` asks for a tick soon."""
+    """Runs the scheduler's ticks and the queued jobs somewhere: `wake` asks for a tick soon,
+    `submit` hands over a job just queued in the ledger (loop.queue: a Redis queue that
+    `labelloop worker` processes take jobs from)."""
 
     def start(self, tick: Callable[[], None]) -> None: ...
 
     def wake(self) -> None: ...
+
+    def submit(self, job: Job) -> None: ...
 
     def stop(self, timeout_s: float = 30.0) -> None: ...
 
@@ -66,6 +74,10 @@ class ThreadRunner:
         self._thread.start()
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def submit(self, job: Job) -> None:
+        # The next tick finds it among the ledger's queued jobs.
         self._wake.set()
 
     def stop(self, timeout_s: float = 30.0) -> None:

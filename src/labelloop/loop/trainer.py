@@ -11,6 +11,7 @@ does is loop.updates; where it runs is the JobRunner (loop.jobs).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -57,7 +58,8 @@ class Trainer:
         )
         self.runner = runner or ThreadRunner(settings.poll_seconds)
         self.current_job: Job | None = None
-        self._reconciled = False
+        self._reconciled_at: float | None = None  # when every project was last reconciled
+        self._maintaining = threading.Lock()
         self._last_ran: dict[int, float] = {}  # project -> when its last job started
         self._served: dict[int, str | None] = {}  # project -> its lineage's current, last seen
 
@@ -81,7 +83,8 @@ class Trainer:
         (or two processes sharing the ledger) cannot queue the same kind twice.
         """
         jobs = [self.ledger.request_job(project_id, str(kind), trigger) for kind in kinds]
-        self.runner.wake()
+        for job in jobs:
+            self.runner.submit(job)
         return jobs
 
     def notify_change(self) -> None:
@@ -91,14 +94,28 @@ class Trainer:
 
     def tick(self) -> None:
         """Queue automatic training, and run the next queued job (`next_job`)."""
-        if not self._reconciled:
-            self._reconciled = True
-            self._reconcile_all()
-        self._watch_lineages()
-        self.queue_due_jobs()
+        self.maintain()
         job = self.next_job()
         if job is not None:
             self.run(job)
+
+    def maintain(self) -> None:
+        """Everything a tick does besides running a job: Label Studio reconciled (at start,
+        then every `reconcile_seconds`), lineages watched, automatic training queued. A worker
+        of the distributed mode calls it beside the jobs it runs; one pass at a time."""
+        if not self._maintaining.acquire(blocking=False):
+            return
+        try:
+            now = time.time()
+            if self._reconciled_at is None or now - self._reconciled_at >= (
+                self.settings.reconcile_seconds
+            ):
+                self._reconciled_at = now
+                self._reconcile_all()
+            self._watch_lineages()
+            self.queue_due_jobs()
+        finally:
+            self._maintaining.release()
 
     def _promoted(self, project_id: int, version: str) -> None:
         self._served[project_id] = version
@@ -233,20 +250,39 @@ class Trainer:
     def run(self, job: Job) -> Job:
         """Run one queued job to its end and record the outcome; returns the job as stored."""
         finished = self._run(job)
+        self._job_done(finished)
+        return finished
+
+    def _job_done(self, finished: Job) -> None:
         if self.on_job_done is not None:
             try:
                 self.on_job_done(finished)
             except Exception:  # noqa: BLE001 - bookkeeping must not fail the trainer
                 logger.exception("Recording the end of job %d failed", finished.id)
+
+    def run_claimed(self, job_id: int, *, worker: str, lease_s: float) -> Job | None:
+        """A worker's run of one queued job: claimed in the ledger first (None when it is no
+        longer queued, or another job of its project is running: one job per project at a
+        time across workers), its lease renewed while it runs, its outcome recorded."""
+        job = self.ledger.claim_job(job_id, worker=worker, lease_s=lease_s)
+        if job is None:
+            return None
+        with _Lease(self.ledger, job.id, worker=worker, lease_s=lease_s):
+            finished = self._execute(job, self.ledger.change_seq(job.project_id))
+        self._job_done(finished)
         return finished
 
     def _run(self, job: Job) -> Job:
         started = time.time()
-        self._last_ran[job.project_id] = started
         seq = self.ledger.change_seq(job.project_id)
         job = self.ledger.update_job(
             job.id, state=JobState.RUNNING, started_at=started, progress="starting"
         )
+        return self._execute(job, seq)
+
+    def _execute(self, job: Job, seq: int) -> Job:
+        """Run a job already marked running; `seq`: the project's change count before it."""
+        self._last_ran[job.project_id] = job.started_at or time.time()
         self.current_job = job
         try:
             if job.trigger == "start_training" and job.kind == JobKind.FAST:
@@ -293,6 +329,35 @@ class Trainer:
             f": {finished.promoted_version}" if finished.promoted_version else "",
         )
         return finished
+
+
+class _Lease:
+    """Renews a claimed job's lease every third of its length while the job runs, so that a
+    worker killed mid-job is noticed (`AnnotationLedger.expire_leases`) within one lease."""
+
+    def __init__(self, ledger: AnnotationLedger, job_id: int, *, worker: str, lease_s: float):
+        self._ledger, self._job_id, self._worker, self._lease_s = ledger, job_id, worker, lease_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> _Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self._lease_s / 3):
+            try:
+                if not self._ledger.renew_lease(
+                    self._job_id, worker=self._worker, lease_s=self._lease_s
+                ):
+                    logger.warning("Job %d: lease lost (expired and re-queued?)", self._job_id)
+                    return
+            except Exception:  # noqa: BLE001 - a ledger outage: retried at the next renewal
+                logger.warning("Job %d: renewing its lease failed", self._job_id, exc_info=True)
 
 
 # A job in one of these states consumed the changes up to its trained_seq.

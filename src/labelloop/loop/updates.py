@@ -114,6 +114,12 @@ class TrainerSettings(BaseModel):
     replay_max: int = Field(2000, ge=0)
     fetch_workers: int = Field(8, ge=1)
     poll_seconds: float = Field(0.5, gt=0)
+    # Label Studio is reconciled at start and then this often: a webhook lost while the backend
+    # or its database was down (Label Studio never sends one again) is recovered by it.
+    reconcile_seconds: float = Field(600.0, gt=0)
+    # A worker's claim on a job (distributed mode): renewed every third of it while the job
+    # runs; a worker silent for longer is taken for dead and its job is queued again.
+    lease_seconds: float = Field(60.0, ge=3)
     # The full fine-tune runs at this much lower CPU priority (Linux nice increment) than
     # request handling: on a few cores its compute threads otherwise compete with /setup,
     # webhooks and /predict for the CPU (bench/responsiveness.py). No effect on an idle machine.

@@ -1,10 +1,11 @@
 """Which model serves each project, loaded on first use and kept in a bounded LRU.
 
-Every lookup reads the lineage's `current` pointer (a few microseconds), so a rollback or a
-promotion by another process (`labelloop rollback`, a worker) takes effect at the next request
-without a restart. Loaded models are keyed by (lineage, version): a project without a lineage
-shares the base model's entry, and a model evicted while a request still uses it stays alive
-until that request ends (LoadedModel is an immutable snapshot).
+Every lookup reads the lineage's `current` pointer (a few microseconds; from an object store
+at most every `LABELLOOP_STORE_POLL_SECONDS`), so a rollback or a promotion by another process
+(`labelloop rollback`, a worker) takes effect at the next request without a restart. Loaded
+models are keyed by (lineage, version): a project without a lineage shares the base model's
+entry, and a model evicted while a request still uses it stays alive until that request ends
+(LoadedModel is an immutable snapshot).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from labelloop.errors import StoreError
 from labelloop.labelstudio.label_config import LabelConfig, LabelConfigError, map_controls
-from labelloop.lineages import project_store, projects_with_lineage
+from labelloop.lineages import Lineages
 from labelloop.runtime.predictor import LoadedModel
 from labelloop.store import ModelBundle, ModelStore, load_bundle
 
@@ -39,13 +40,16 @@ class ProjectModels:
         runtime: str = "auto",
         max_loaded: int = DEFAULT_MAX_LOADED,
         on_load: Callable[[float], None] | None = None,
+        lineages: Lineages | None = None,
     ) -> None:
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1, got {max_loaded}")
         self.model_dir = Path(model_dir)
         self.runtime = runtime
         self.max_loaded = max_loaded
-        self.base_store = ModelStore(self.model_dir)
+        # Folders under MODEL_DIR, or an object store with MODEL_DIR as its cache.
+        self.lineages = lineages or Lineages(self.model_dir)
+        self.base_store = self.lineages.base()
         self.on_load = on_load
         self._lock = threading.Lock()
         self._loaded: OrderedDict[_Key, LoadedModel] = OrderedDict()
@@ -57,13 +61,13 @@ class ProjectModels:
 
     def store(self, project_id: int) -> ModelStore:
         """The project's own lineage (possibly still empty)."""
-        return project_store(self.model_dir, project_id)
+        return self.lineages.project(project_id)
 
     def has_lineage(self, project_id: int) -> bool:
         return self.store(project_id).current_version() is not None
 
     def projects(self) -> list[int]:
-        return projects_with_lineage(self.model_dir)
+        return self.lineages.projects()
 
     def versions(self) -> dict[str, str]:
         """'base' and each project id -> its current version; reads pointers, loads nothing."""

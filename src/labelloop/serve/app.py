@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, status
@@ -36,8 +37,8 @@ from labelloop.labelstudio.protocol import (
     project_id_from,
 )
 from labelloop.labelstudio.urls import BaseURLError, FetchSettings, http_base_url
-from labelloop.lineages import migrate_layout, project_store, projects_with_lineage
-from labelloop.loop.ledger import AnnotationLedger, Ledger
+from labelloop.lineages import Lineages, migrate_layout
+from labelloop.loop.ledger import AnnotationLedger, Ledger, LedgerError
 from labelloop.loop.preannotate import PreannotateRuns, Refresher
 from labelloop.loop.trainer import Trainer, TrainerSettings
 from labelloop.runtime.predictor import LoadedModel, Predictor, resolve_config
@@ -47,7 +48,7 @@ from labelloop.serve.metrics import PrometheusMetrics
 from labelloop.serve.page import install_page
 from labelloop.serve.settings import ServeSettings
 from labelloop.serve.status import overview, project_detail
-from labelloop.store import ModelStore, StoreError
+from labelloop.store import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -309,6 +310,15 @@ def create_app(
         ]
         return JSONResponse({"detail": problems}, status_code=422)
 
+    @app.exception_handler(LedgerError)
+    async def _ledger_down(request: Request, exc: LedgerError) -> JSONResponse:
+        # The database is down or unreachable: nothing was recorded, so say so (Label Studio
+        # logs the failed webhook; the periodic reconcile recovers its annotation later).
+        logger.error("Ledger unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(
+            {"detail": f"the annotation ledger is unavailable: {exc}"}, status_code=503
+        )
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.error("Unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -516,25 +526,60 @@ def create_app(
     return app
 
 
-def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None = None) -> FastAPI:
-    """Everything `labelloop serve` runs: the base model and the projects' lineages, the
-    annotation ledger, the embedding cache and the background trainer, all under MODEL_DIR."""
+@dataclass
+class Components:
+    """What a `labelloop serve` or `labelloop worker` process runs, built once from settings."""
+
+    settings: ServeSettings
+    ledger: AnnotationLedger
+    models: ProjectModels
+    predictor: Predictor
+    fetchers: FetcherRegistry
+    refresher: Refresher | None
+    trainer: Trainer
+
+
+def build_components(
+    settings: ServeSettings,
+    trainer_settings: TrainerSettings | None = None,
+    *,
+    worker: bool = False,
+) -> Components:
+    """The base model and the projects' lineages, the annotation ledger, the embedding cache
+    and the trainer. Embedded: all under MODEL_DIR, the trainer a thread of this process.
+    Distributed (settings.distributed): the ledger on PostgreSQL, versions in the object store
+    (MODEL_DIR a cache), and jobs on the Redis queue: a server only queues them, a `worker`
+    runs them (and refreshes predictions after its promotions)."""
     from labelloop.ml.embeddings import EmbeddingCache
 
     settings.model_dir.mkdir(parents=True, exist_ok=True)
-    # A publish killed half-way leaves a staging folder (possibly a whole model.pth) behind.
-    ModelStore(settings.model_dir).remove_stale_staging()
     if settings.cache_dir is None:
         settings = settings.model_copy(
             update={"cache_dir": settings.model_dir / "cache" / "images"}
         )
-    ledger = Ledger(settings.model_dir / "ledger.sqlite3")
-    known = ledger.projects()
-    migrate_layout(settings.model_dir, sole_project=known[0] if len(known) == 1 else None)
-    for project_id in projects_with_lineage(settings.model_dir):
-        project_store(settings.model_dir, project_id).remove_stale_staging()
+    ledger = Ledger(settings.ledger_location())
+    lineages = Lineages(
+        settings.model_dir,
+        store_url=settings.store_url,
+        poll_seconds=settings.store_poll_seconds,
+        allocate=(
+            (lambda lineage, at_least: ledger.next_version_number(lineage, at_least=at_least))
+            if settings.database_url
+            else None
+        ),
+    )
+    if not lineages.remote:
+        # A publish killed half-way leaves a staging folder (possibly a whole model.pth).
+        lineages.base().remove_stale_staging()
+        known = ledger.projects()
+        migrate_layout(settings.model_dir, sole_project=known[0] if len(known) == 1 else None)
+        for project_id in lineages.projects():
+            lineages.project(project_id).remove_stale_staging()
     models = ProjectModels(
-        settings.model_dir, runtime=settings.runtime, max_loaded=settings.max_loaded_models
+        settings.model_dir,
+        runtime=settings.runtime,
+        max_loaded=settings.max_loaded_models,
+        lineages=lineages,
     )
     if models.base() is None and not models.projects():
         logger.warning(
@@ -544,8 +589,10 @@ def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None 
     fetchers = FetcherRegistry(settings)
     predictor = Predictor(batch_size=settings.batch_size, workers=settings.fetch_workers)
     (settings.model_dir / "cache").mkdir(exist_ok=True)
+    # Only who trains refreshes after a promotion: the worker, in the distributed mode.
     refresher = None
-    if settings.refresh or settings.rename_backend:
+    trains = worker or not settings.distributed
+    if trains and (settings.refresh or settings.rename_backend):
         refresher = Refresher(
             predictor,
             fetchers.client,
@@ -554,6 +601,11 @@ def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None 
             refresh=settings.refresh,
             rename_backend=settings.backend_url if settings.rename_backend else None,
         )
+    runner = None
+    if settings.queue_url is not None:
+        from labelloop.loop.queue import QueueRunner, connect
+
+        runner = QueueRunner(connect(settings.queue_url.get_secret_value()))
     trainer = Trainer(
         models=models,
         ledger=ledger,
@@ -562,13 +614,20 @@ def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None 
         embeddings=EmbeddingCache(settings.model_dir / "cache" / "embeddings.sqlite3"),
         settings=trainer_settings or TrainerSettings(),
         on_promote=refresher.on_promote if refresher is not None else None,
+        runner=runner,
     )
+    return Components(settings, ledger, models, predictor, fetchers, refresher, trainer)
+
+
+def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None = None) -> FastAPI:
+    """Everything `labelloop serve` runs (`build_components`) behind the HTTP routes."""
+    c = build_components(settings, trainer_settings)
     return create_app(
-        settings,
-        models,
-        predictor=predictor,
-        fetchers=fetchers,
-        ledger=ledger,
-        trainer=trainer,
-        refresher=refresher,
+        c.settings,
+        c.models,
+        predictor=c.predictor,
+        fetchers=c.fetchers,
+        ledger=c.ledger,
+        trainer=c.trainer,
+        refresher=c.refresher,
     )

@@ -52,6 +52,15 @@ class ServeSettings(BaseModel):
     # Models kept in memory at once (the base model and projects' versions, least recently
     # used unloaded first): 50 connected projects must not hold 50 models.
     max_loaded_models: int = Field(4, ge=1, le=256)
+    # The distributed mode (docs/deployment.md); all unset: embedded, as on one laptop.
+    # The ledger and jobs: a PostgreSQL URL (else a SQLite file in MODEL_DIR).
+    database_url: SecretStr | None = None
+    # Model versions: an object store URL such as s3://bucket/prefix (else MODEL_DIR itself,
+    # which is then only a cache of it), and how often each lineage's `current` is re-read.
+    store_url: str | None = None
+    store_poll_seconds: float = Field(2.0, gt=0, le=300)
+    # Training jobs: a Redis URL; `labelloop worker` processes run them (else a thread here).
+    queue_url: SecretStr | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:
@@ -59,7 +68,36 @@ class ServeSettings(BaseModel):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         if self.label_studio_url is not None:
             http_base_url(self.label_studio_url)
+        db = self.database_url.get_secret_value() if self.database_url else None
+        if db is not None and not db.startswith(("postgresql://", "postgresql+psycopg://")):
+            raise ValueError(
+                "LABELLOOP_DATABASE_URL must be a postgresql:// URL (unset: the SQLite ledger "
+                "in MODEL_DIR)"
+            )
+        queue = self.queue_url.get_secret_value() if self.queue_url else None
+        if queue is not None and not queue.startswith(("redis://", "rediss://")):
+            raise ValueError("LABELLOOP_QUEUE_URL must be a redis:// or rediss:// URL")
+        if queue is not None and db is None:
+            raise ValueError(
+                "LABELLOOP_QUEUE_URL needs LABELLOOP_DATABASE_URL too: workers and serving "
+                "replicas must share one ledger"
+            )
+        if self.store_url is not None and "://" not in self.store_url:
+            raise ValueError(
+                "LABELLOOP_STORE_URL must be an object store URL such as s3://bucket/prefix "
+                "(unset: versions stay in MODEL_DIR)"
+            )
         return self
+
+    @property
+    def distributed(self) -> bool:
+        """Jobs go to workers: this process serves and never trains."""
+        return self.queue_url is not None
+
+    def ledger_location(self) -> Path | str:
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return self.model_dir / "ledger.sqlite3"
 
     @property
     def basic_auth_enabled(self) -> bool:
@@ -85,6 +123,10 @@ ENV_NAMES = {
     "runtime": "LABELLOOP_RUNTIME",
     "max_request_mb": "LABELLOOP_MAX_REQUEST_MB",
     "max_loaded_models": "LABELLOOP_MAX_LOADED_MODELS",
+    "database_url": "LABELLOOP_DATABASE_URL",
+    "store_url": "LABELLOOP_STORE_URL",
+    "store_poll_seconds": "LABELLOOP_STORE_POLL_SECONDS",
+    "queue_url": "LABELLOOP_QUEUE_URL",
 }
 
 

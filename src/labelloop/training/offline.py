@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from labelloop.config import DataConfig, TrainConfig
 from labelloop.labelstudio.export import load_labelstudio_export
+from labelloop.lineages import Lineages
 from labelloop.ml import evaluate as evaluation
 from labelloop.ml.checkpoints import LoadMode, load_into, read_checkpoint
 from labelloop.ml.data import DataError, LabelledData, load_metadata
@@ -39,7 +40,6 @@ from labelloop.ml.train import (
 )
 from labelloop.store import (
     ModelBundle,
-    ModelStore,
     load_bundle,
     write_json_atomic,
 )
@@ -75,6 +75,9 @@ class TrainOptions:
     resume: bool = False
     materialize_splits_to: Path | None = None
     show_progress: bool = True
+    # The distributed mode's object store (s3://bucket/prefix): the version is published there
+    # as the base model, with model_dir as its local cache.
+    store_url: str | None = None
 
 
 @dataclass
@@ -256,7 +259,7 @@ def _run_training(
 
     evaluated: dict[str, Any] = {}
     published = publish(
-        ModelStore(options.model_dir),
+        Lineages(options.model_dir, store_url=options.store_url).base(),
         model=model,
         label_space=label_space,
         thresholds=thresholds,
