@@ -31,10 +31,18 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, torch {torch.__version__}, {threads} threads"
 
 
-def publish_random_model(model_dir: Path, image_size: int, backbone: str = "resnet18") -> None:
-    """A model over the demo classes, random init: timings do not depend on the weights."""
+def publish_random_model(
+    model_dir: Path,
+    image_size: int,
+    backbone: str = "resnet18",
+    *,
+    store: ModelStore | None = None,
+    make_current: bool = True,
+) -> None:
+    """A model over the demo classes, random init: timings do not depend on the weights.
+    Published into `store` when given (e.g. an object store's lineage), else `model_dir`."""
     space = LabelSpace.from_mapping({g: list(c) for g, c in LABEL_GROUPS.items()})
-    store = ModelStore(model_dir)
+    store = store or ModelStore(model_dir)
     torch.manual_seed(0)
     with store.staging() as staged:
         write_model_files(staged, build_model(backbone, len(space)), space, [0.5] * len(space))
@@ -47,6 +55,7 @@ def publish_random_model(model_dir: Path, image_size: int, backbone: str = "resn
                 label_space=space,
                 preprocess=PreprocessConfig(image_size=image_size),
             ),
+            make_current=make_current,
         )
 
 

@@ -21,7 +21,17 @@ torch.set_num_threads(2)
 def _isolated_logging():
     """Logging as each test found it: a CLI call in one test (``--log-level ERROR``) must not
     change the level or the handlers another test's log assertions see."""
-    names = ("labelloop", "uvicorn", "matplotlib", "PIL", "httpx", "httpcore")  # what cli sets
+    names = (
+        "labelloop",
+        "uvicorn",
+        "matplotlib",
+        "PIL",
+        "httpx",
+        "httpcore",
+        "botocore",
+        "aiobotocore",
+        "s3fs",
+    )  # what cli sets
     loggers = [logging.getLogger(), *(logging.getLogger(name) for name in names)]
     saved = [(lg, lg.level, list(lg.handlers)) for lg in loggers]
     yield

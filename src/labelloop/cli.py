@@ -84,7 +84,7 @@ def configure_logging(level: str) -> None:
         force=True,
     )
     # Third-party chatter at INFO drowns our own progress lines.
-    for noisy in ("matplotlib", "PIL", "httpx", "httpcore"):
+    for noisy in ("matplotlib", "PIL", "httpx", "httpcore", "botocore", "aiobotocore", "s3fs"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
@@ -657,6 +657,14 @@ def worker(
     refresh: RefreshOpt = True,
     rename_backend: RenameBackendOpt = True,
     public_url: PublicUrlOpt = None,
+    lease_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar="LABELLOOP_LEASE_SECONDS",
+            min=3,
+            help="A job whose worker is silent this long is run again elsewhere.",
+        ),
+    ] = 60.0,
     burst: Annotated[
         bool, typer.Option(help="Exit once the queue is empty (for scripts and tests).")
     ] = False,
@@ -700,7 +708,7 @@ def worker(
             auto_full=auto_full,
             train_nice=train_nice,
             reconcile_seconds=reconcile_seconds,
-        ),
+        ).model_copy(update={"lease_seconds": lease_seconds}),
         worker=True,
     )
     try:
