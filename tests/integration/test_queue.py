@@ -15,13 +15,6 @@ from labelloop.loop.ledger import Ledger
 from labelloop.loop.queue import QueueError, QueueRunner, connect, rq_job_id, run_job
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    yield server
-    server.close()
-
-
 @pytest.fixture()
 def runner(redis_server: RedisServer) -> QueueRunner:
     redis = connect(redis_server.url)
