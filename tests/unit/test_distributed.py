@@ -10,6 +10,7 @@ import pytest
 from helpers import wait_until
 
 from labelloop.config import ConfigError
+from labelloop.labelstudio.annotations import AnnotationRecord
 from labelloop.labelstudio.fetcher import ImageFetcher
 from labelloop.labelstudio.urls import FetchSettings
 from labelloop.loop.ledger import Ledger
@@ -56,17 +57,53 @@ def test_bad_distributed_settings_say_what_to_fix(
         settings_from({"model_dir": tmp_path}, env)
 
 
-def test_a_claimed_run_holds_its_project_and_renews_its_lease(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
-    fetcher = ImageFetcher(FetchSettings(label_studio_url="http://127.0.0.1:1"), None)
-    cache = EmbeddingCache(tmp_path / "embeddings.sqlite3")
-    trainer = Trainer(
+def make_trainer(tmp_path: Path, ledger: Ledger, **settings: object) -> Trainer:
+    return Trainer(
         models=ProjectModels(tmp_path / "model"),
         ledger=ledger,
-        fetcher=lambda: fetcher,
-        embeddings=cache,
-        settings=TrainerSettings(),
+        fetcher=lambda: ImageFetcher(FetchSettings(label_studio_url="http://127.0.0.1:1"), None),
+        embeddings=EmbeddingCache(tmp_path / "embeddings.sqlite3"),
+        settings=TrainerSettings(**settings),
     )
+
+
+def test_a_running_job_holds_back_automatic_training_of_its_project(tmp_path: Path) -> None:
+    """A worker's maintenance runs beside the job: the changes the job is training on must not
+    queue a second job before the first one records what it trained on."""
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    trainer = make_trainer(tmp_path, ledger, auto_train_after=10, quiet_seconds=3600)
+    ledger.upsert(
+        [
+            AnnotationRecord(
+                4,
+                100 + i,
+                1 + i,
+                f"/x/{i}.png",
+                {"c": ("a",)},
+                "2026-12-01T00:00:00Z",
+                False,
+                False,
+                1,
+            )
+            for i in range(12)
+        ]
+    )
+    running = ledger.create_job(4, "fast", "auto")
+    assert ledger.claim_job(running.id, worker="w1", lease_s=30) is not None
+    trainer.queue_due_jobs()
+    assert ledger.pending_jobs() == []
+    ledger.update_job(running.id, state="succeeded", trained_seq=10)
+    trainer.queue_due_jobs()
+    assert ledger.pending_jobs() == []  # 2 changes since: fewer than 10, and not quiet
+    ledger.update_job(running.id, trained_seq=0)
+    trainer.queue_due_jobs()
+    assert [j.trigger for j in ledger.pending_jobs()] == ["auto"]
+    ledger.close()
+
+
+def test_a_claimed_run_holds_its_project_and_renews_its_lease(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    trainer = make_trainer(tmp_path, ledger)
     release = threading.Event()
 
     def blocked_update(job):
@@ -110,6 +147,4 @@ def test_a_claimed_run_holds_its_project_and_renews_its_lease(tmp_path: Path) ->
     assert trainer.run_claimed(second.id, worker="w2", lease_s=0.3).state == "skipped"
     # A job already run is not run twice.
     assert trainer.run_claimed(first.id, worker="w3", lease_s=0.3) is None
-    cache.close()
-    fetcher.close()
     ledger.close()

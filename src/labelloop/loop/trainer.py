@@ -212,6 +212,10 @@ class Trainer:
         its last change), and a full one with it when `_full_due` says so."""
         now = time.time()
         for project_id in self.ledger.projects():
+            if any(j.state == JobState.RUNNING for j in self.ledger.jobs(project_id=project_id)):
+                # Its outcome settles what it trained on (trained_seq); a worker's maintenance
+                # runs beside its jobs and must not queue the same changes again meanwhile.
+                continue
             seq = self.ledger.change_seq(project_id)
             pending = seq - self._last_trained_seq(project_id)
             if pending <= 0:
