@@ -42,8 +42,7 @@ class Cluster:
         self.env = env
         self.worker_args = worker_args
         self.replicas = [
-            BackendProcess(root / f"replica{i}", root / f"replica{i}.log", env=env)
-            for i in (1, 2)
+            BackendProcess(root / f"replica{i}", root / f"replica{i}.log", env=env) for i in (1, 2)
         ]
         self.workers: list[subprocess.Popen[bytes]] = []
 
