@@ -24,6 +24,7 @@ class RedisServer:
         )
         self.binary = str(shutil.which("redis-server"))
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="labelloop-redis-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.start()

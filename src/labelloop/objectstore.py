@@ -651,6 +651,28 @@ class MirroredStore(ModelStore):
             target = self._remote_path(VERSIONS_DIR, version, rel)
             self._call(f"upload {version}/{rel}", self.fs.put_file, str(path), target)
 
+    def _upload_additions(self, version: str, cached: Path, remote: Manifest) -> None:
+        """Files the cached copy gained since its upload (the ONNX export `store_onnx` keeps
+        after the first load) go up before `current` moves, then the manifest that vouches for
+        them: every replica then loads the graph instead of exporting it again (seconds)."""
+        local = read_manifest(cached)
+        added = sorted(set(local.files) - set(remote.files))
+        if not added:
+            return
+        try:
+            for name in added:
+                target = self._remote_path(VERSIONS_DIR, version, name)
+                self._call(f"upload {version}/{name}", self.fs.put_file, str(cached / name), target)
+            target = self._remote_path(VERSIONS_DIR, version, MANIFEST_FILE)
+            self._call(
+                f"upload {version}/{MANIFEST_FILE}",
+                self.fs.put_file,
+                str(cached / MANIFEST_FILE),
+                target,
+            )
+        except StoreError as exc:  # an optimisation: replicas export the graph themselves
+            logger.warning("Could not upload %s of %s: %s", ", ".join(added), version, exc)
+
     def set_current(self, version: str, *, reason: str = "promotion") -> None:
         """Point the remote `current` at a complete version whose files check out."""
         if not _VERSION_RE.match(version):
@@ -664,7 +686,9 @@ class MirroredStore(ModelStore):
                 f"{version} was a rejected candidate whose weights were pruned; only its "
                 "manifest and metrics remain. Pick another version (`labelloop versions`)."
             )
-        verify_version_dir(self._materialise(version))
+        cached = self._materialise(version)
+        verify_version_dir(cached)
+        self._upload_additions(version, cached, manifest)
         pointer = (version + "\n").encode("utf-8")
         with self._watch.lock:
             self._call("write current", self.fs.pipe_file, self._remote_path(CURRENT_FILE), pointer)

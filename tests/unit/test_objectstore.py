@@ -30,7 +30,7 @@ from labelloop.objectstore import (
     remote_error,
     remote_projects,
 )
-from labelloop.store import ModelStore, verify_version_dir
+from labelloop.store import ModelBundle, ModelStore, read_manifest, store_onnx, verify_version_dir
 
 
 class ScriptedMemory(MemoryFileSystem):
@@ -143,6 +143,43 @@ def test_publish_without_make_current_leaves_the_pointer(
         (first, "promotion"),
         (second, "rollback"),
     ]
+
+
+def test_the_onnx_export_kept_after_a_load_goes_up_before_current_moves(
+    tmp_path: Path, fs: ScriptedMemory, url: str
+) -> None:
+    """What the worker does on a promotion: publish, load (store_onnx keeps the export in the
+    cache and its manifest), then move current: replicas get the graph with the version."""
+    writer = _store(tmp_path / "writer", url, fs)
+    version = publish_version(writer, make_current=False)
+    assert writer.current_version() is None
+    cached = writer.version_dir(version)
+    store_onnx(load_placeholder(cached), b"onnx graph")
+    writer.set_current(version)
+    root = fs._strip_protocol(url)
+    assert fs.cat_file(f"{root}/versions/{version}/model.onnx") == b"onnx graph"
+    remote = json.loads(fs.cat_file(f"{root}/versions/{version}/manifest.json"))
+    assert "model.onnx" in remote["files"]
+    writes = [w.removeprefix(f"{root}/") for w in fs.writes]
+    assert writes.index(f"versions/{version}/model.onnx") < writes.index("current")
+    replica = _store(tmp_path / "replica", url, fs, poll_seconds=0.0)
+    wait_until(lambda: replica.current_version() == version, timeout_s=10, what="the replica")
+    cached_there = tmp_path / "replica" / "versions" / version
+    verify_version_dir(cached_there)
+    assert (cached_there / "model.onnx").read_bytes() == b"onnx graph"
+
+
+def load_placeholder(folder: Path) -> ModelBundle:
+    """A bundle of a placeholder version, enough for store_onnx (no weights are read)."""
+    manifest = read_manifest(folder)
+    return ModelBundle(
+        model=None,  # type: ignore[arg-type]
+        label_space=None,  # type: ignore[arg-type]
+        thresholds=[],
+        preprocess=manifest.preprocess,
+        manifest=manifest,
+        path=folder,
+    )
 
 
 def test_a_version_already_in_the_store_is_not_published_again(

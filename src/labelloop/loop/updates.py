@@ -599,7 +599,8 @@ class Updater:
             metrics=carry_splits,
             # Carried forward so a later full update can still replay the offline data.
             data=base.manifest.data,
-            make_current=promote,
+            # `current` moves below, once the version is loaded here.
+            make_current=False,
         )
         version = published.version
         if not promote:
@@ -615,7 +616,11 @@ class Updater:
             )
         logger.info("Candidate %s promoted: %s", version, decision["reason"])
         promoted = load_bundle(published.path)
+        # Loaded (its ONNX graph exported and kept beside it) before `current` moves: the
+        # first request after the switch does not pay for the load, and an object store
+        # receives the graph with the version, so no replica exports it again.
         self.models.put(job.project_id, promoted)
+        store.set_current(version, reason="promotion")
         # Embeddings of backbones no longer served are stale for ever (a full update moves the
         # backbone); keep the served one and its parent's, so a rollback by one stays warm.
         self.embeddings.prune({embedding_space(promoted), embedding_space(base)})
