@@ -225,8 +225,9 @@ def report(rows: dict[str, Any], args) -> str:
         f"{_ms(pr_e)} | {_ms(pr_r)} | {ratio_pr:.2f}x |",
         "",
         "Promotion in the store (`current` moved) until both replicas serve the new version "
-        f"({args.promotions} promotions each; includes downloading the version into each "
-        "replica's cache, verifying its checksums and loading it):\n",
+        f"({args.promotions} promotions each, made the way a worker promotes: the version "
+        "loaded and its ONNX graph uploaded before `current` moves; includes each replica's "
+        "download into its cache, the checksum check and the load of the stored graph):\n",
         "| LABELLOOP_STORE_POLL_SECONDS | median s | max s |",
         "|---|---|---|",
     ]
