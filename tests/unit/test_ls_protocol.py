@@ -217,7 +217,15 @@ def test_webhook_needs_action() -> None:
 
 @pytest.mark.parametrize(
     ("project", "expected"),
-    [("1.1795567726", 1), ("42", 42), (" 3.5 ", 3), (None, None), ("", None), ("abc", None)],
+    [
+        ("1.1795567726", 1),
+        ("42", 42),
+        (" 3.5 ", 3),
+        (None, None),
+        ("", None),
+        ("abc", None),
+        ("0.1795567726", None),  # no Label Studio project has id 0
+    ],
 )
 def test_project_id_from(project: str | None, expected: int | None) -> None:
     assert project_id_from(project) == expected

@@ -72,6 +72,10 @@ def project_id_from(project: str | None) -> int | None:
         logger.warning("Unrecognised project %r: expected '<id>.<epoch>'", project)
         return None
     project_id = int(match.group(1))
+    if project_id < 1:
+        # Label Studio's ids start at 1; 0 would name no lineage (and no folder).
+        logger.warning("Project id %d is not a Label Studio project id: ignored", project_id)
+        return None
     if not fits_int64(project_id):
         logger.warning("Project id of %d digits is out of range: ignored", len(match.group(1)))
         return None
