@@ -108,9 +108,14 @@ def setup(trained_model, demo_dataset, tmp_path: Path):
 
 
 def wait_for_job(ledger: Ledger, job_id: int, timeout_s: float = 120) -> object:
-    """The job once it has ended (any state but queued or running)."""
+    """The job once it has ended (any state but queued or running); a job not queued yet (a
+    follow-up the trainer queues right after the job before it) is waited for too."""
     return wait_until(
-        lambda: (job := ledger.job(job_id)).state not in ("queued", "running") and job,
+        lambda: (
+            (job := ledger.job(job_id)) is not None
+            and job.state not in ("queued", "running")
+            and job
+        ),
         timeout_s=timeout_s,
         what=f"job {job_id} to end",
         interval_s=0.05,
