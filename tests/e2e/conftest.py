@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="session")
 def label_studio(tmp_path_factory: pytest.TempPathFactory):
-    """Label Studio 1.23.2 in its own venv (installed on first use), booted once per run."""
-    from labelloop.dev.launcher import (
-        LabelStudioServer,
-        LabelStudioSettings,
-        ensure_label_studio,
-        free_port,
-    )
-    from labelloop.labelstudio.client import LabelStudioClient
+    """The Label Studio most e2e tests share, booted once per run."""
+    from lsserver import booted_label_studio
 
-    executable = ensure_label_studio(Path(os.environ.get("LABELLOOP_LS_VENV", REPO / ".venv-ls")))
-    root = tmp_path_factory.mktemp("label-studio")
-    settings = LabelStudioSettings(
-        data_dir=root / "data", document_root=root / "files", port=free_port()
-    )
-    settings.document_root.mkdir(parents=True)
-    with LabelStudioServer(executable, settings, log_file=root / "label-studio.log") as server:
-        client = LabelStudioClient(settings.url, settings.token)
-        try:
-            yield server, client
-        finally:
-            client.close()
+    with booted_label_studio(tmp_path_factory.mktemp("label-studio")) as booted:
+        yield booted
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ import httpx
 import pytest
 from cluster import Cluster, publish_base
 from helpers import result_for, wait_until
+from lsserver import booted_label_studio
 from nginx import NginxBalancer
 from redisserver import RedisServer
 
@@ -33,8 +34,16 @@ pytestmark = pytest.mark.e2e
 N_TASKS = 40
 
 
+@pytest.fixture(scope="module")
+def own_label_studio(tmp_path_factory: pytest.TempPathFactory):
+    """A Label Studio of this test's own: its tasks must not move the task ids (and so the
+    held-out splits) of the tests that share the session's instance."""
+    with booted_label_studio(tmp_path_factory.mktemp("label-studio-distributed")) as booted:
+        yield booted
+
+
 def test_label_studio_through_nginx_to_two_replicas_and_a_worker(
-    label_studio,
+    own_label_studio,
     postgres_server: Any,
     postgres_url: str,
     s3_server: Any,
@@ -43,7 +52,7 @@ def test_label_studio_through_nginx_to_two_replicas_and_a_worker(
     trained_model,
     tmp_path: Path,
 ) -> None:
-    server, client = label_studio
+    server, client = own_label_studio
     dataset = generate_demo_dataset(tmp_path / "data", n=N_TASKS, seed=9, size=64)
     images = sorted(dataset.images_dir.glob("*.png"))
     truth = dataset.labels()
