@@ -112,8 +112,8 @@ class QueueRunner:
         from rq.job import JobStatus
 
         put = 0
-        for job in jobs:
-            existing = RQJob.fetch_many([rq_job_id(job.id)], connection=self._redis)[0]
+        found = RQJob.fetch_many([rq_job_id(j.id) for j in jobs], connection=self._redis)
+        for job, existing in zip(jobs, found, strict=True):
             if existing is not None:
                 status = existing.get_status(refresh=False)
                 if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):

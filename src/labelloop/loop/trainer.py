@@ -201,8 +201,10 @@ class Trainer:
             except Exception:  # noqa: BLE001 - start-up must not fail because Label Studio is down
                 logger.exception("Reconciling project %d at start-up failed", project_id)
 
-    def _last_trained_seq(self, project_id: int) -> int:
-        for job in self.ledger.jobs(project_id=project_id, limit=50):
+    @staticmethod
+    def _last_trained_seq(jobs: Sequence[Job]) -> int:
+        """The change count the newest finished-training job (of `jobs`, newest first) saw."""
+        for job in jobs:
             if job.state in _TRAINED_STATES and job.trained_seq is not None:
                 return int(job.trained_seq)
         return 0
@@ -212,12 +214,13 @@ class Trainer:
         its last change), and a full one with it when `_full_due` says so."""
         now = time.time()
         for project_id in self.ledger.projects():
-            if any(j.state == JobState.RUNNING for j in self.ledger.jobs(project_id=project_id)):
+            jobs = self.ledger.jobs(project_id=project_id, limit=50)
+            if any(j.state == JobState.RUNNING for j in jobs):
                 # Its outcome settles what it trained on (trained_seq); a worker's maintenance
                 # runs beside its jobs and must not queue the same changes again meanwhile.
                 continue
             seq = self.ledger.change_seq(project_id)
-            pending = seq - self._last_trained_seq(project_id)
+            pending = seq - self._last_trained_seq(jobs)
             if pending <= 0:
                 continue
             last_change = self.ledger.last_change_at(project_id) or now
