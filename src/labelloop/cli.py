@@ -483,6 +483,15 @@ TrainNiceOpt = Annotated[
         min=0, max=19, help="CPU priority decrease (nice) of full fine-tunes vs requests."
     ),
 ]
+FullProcessesOpt = Annotated[
+    int,
+    typer.Option(
+        envvar="LABELLOOP_FULL_PROCESSES",
+        min=0,
+        help="Run full updates as DDP over this many local processes (0: one per CUDA GPU; "
+        "one process without CUDA).",
+    ),
+]
 ReconcileSecondsOpt = Annotated[
     float,
     typer.Option(
@@ -523,6 +532,7 @@ def _trainer_settings(
     auto_full: bool,
     train_nice: int,
     reconcile_seconds: float,
+    full_processes: int,
 ) -> TrainerSettings:
     from labelloop.loop.trainer import TrainerSettings
 
@@ -536,6 +546,7 @@ def _trainer_settings(
         cold_start_weights=weights,
         auto_full=auto_full,
         reconcile_seconds=reconcile_seconds,
+        full_processes=full_processes,
     )
 
 
@@ -564,6 +575,7 @@ def serve(
     auto_full: AutoFullOpt = True,
     train_nice: TrainNiceOpt = 10,
     reconcile_seconds: ReconcileSecondsOpt = 600.0,
+    full_processes: FullProcessesOpt = 0,
     refresh: RefreshOpt = True,
     rename_backend: RenameBackendOpt = True,
     public_url: PublicUrlOpt = None,
@@ -623,6 +635,7 @@ def serve(
             auto_full=auto_full,
             train_nice=train_nice,
             reconcile_seconds=reconcile_seconds,
+            full_processes=full_processes,
         ),
     )
     logger.info("Serving %s on http://%s:%d", settings.model_dir, settings.host, settings.port)
@@ -654,6 +667,7 @@ def worker(
     auto_full: AutoFullOpt = True,
     train_nice: TrainNiceOpt = 10,
     reconcile_seconds: ReconcileSecondsOpt = 600.0,
+    full_processes: FullProcessesOpt = 0,
     refresh: RefreshOpt = True,
     rename_backend: RenameBackendOpt = True,
     public_url: PublicUrlOpt = None,
@@ -708,6 +722,7 @@ def worker(
             auto_full=auto_full,
             train_nice=train_nice,
             reconcile_seconds=reconcile_seconds,
+            full_processes=full_processes,
         ).model_copy(update={"lease_seconds": lease_seconds}),
         worker=True,
     )

@@ -88,6 +88,12 @@ class Project:
         pred = np.array([[c in names for c in self.classes] for names in chosen])
         return versions.pop(), pred
 
+    def print_jobs(self) -> None:
+        """The trainer's jobs, printed so that a failed assertion shows what the loop did."""
+        for j in self.backend.get("/status")["training"]["jobs"]:
+            gate = {k: j["metrics"].get(k) for k in ("candidate_f1", "current_f1", "n_items")}
+            print(j["id"], j["kind"], j["state"], j["trained_seq"], j["promoted_version"], gate)
+
     def heldout_truth(self) -> np.ndarray:
         return np.array(
             [[c in sum(self.truth[t].values(), []) for c in self.classes] for t in self.heldout]
@@ -113,6 +119,7 @@ def assert_learned(y: np.ndarray, first: np.ndarray, final: np.ndarray) -> None:
     diffs = macro_f1(y, final, weights) - macro_f1(y, first, weights)
     point = float(macro_f1(y, final, np.ones((1, n)))[0] - macro_f1(y, first, np.ones((1, n)))[0])
     low = float(np.percentile(diffs, 5))
+    print(f"held-out macro-F1 difference {point:+.3f}, 5th percentile {low:+.3f}")
     assert low > 0, f"no learning beyond noise: difference {point:+.3f}, 5th percentile {low:+.3f}"
 
 
@@ -133,6 +140,7 @@ def test_from_an_empty_model_folder_the_default_backbone_learns(
 
     project.annotate(N_ANNOTATED - FIRST_BATCH)
     final_version, final = project.heldout_predictions()
+    project.print_jobs()
     assert final_version != first_version
     assert_learned(project.heldout_truth(), first, final)
 
@@ -148,5 +156,6 @@ def test_from_a_weak_starter_model_annotations_make_it_better(
 
     project.annotate(N_ANNOTATED)
     final_version, final = project.heldout_predictions()
+    project.print_jobs()
     assert final_version != first_version
     assert_learned(project.heldout_truth(), first, final)

@@ -28,6 +28,7 @@ from labelloop.ml.transforms import resize_size, train_decode_side
 from labelloop.runtime.projects import ProjectModels
 from labelloop.store import ModelStore, StoreError, load_bundle
 from labelloop.training import core as training_core
+from labelloop.training.ddp import processes_for, state_digest
 
 PROJECT = 7
 
@@ -411,6 +412,44 @@ def test_full_update_fine_tunes_everything_with_replay(setup, demo_dataset, monk
         assert fit_niceness == [min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)]
     # Photos are decoded only as finely as the train crops and the eval resize need.
     assert decode_sides == [train_decode_side(old.preprocess), resize_size(old.preprocess)]
+
+
+def test_a_full_update_runs_as_ddp_over_several_processes(setup, demo_dataset) -> None:
+    """Two gloo ranks on CPU, through torchrun's launcher: on a GPU worker the same code runs
+    one NCCL rank per GPU."""
+    model_dir, models, ledger, make = setup
+    ledger.upsert(records(demo_dataset, 40))
+    trainer = make(tolerance=1.0, full_epochs=2, full_processes=2)
+    [job] = trainer.request(PROJECT, ["full"], "start_training")
+    trainer.start()
+    try:
+        done = wait_for_job(ledger, job.id, timeout_s=400)
+    finally:
+        trainer.stop()
+    assert done.state == "succeeded", done.error
+    assert done.metrics["processes"] == 2
+    ranks = done.metrics["ranks"]
+    assert [(r["rank"], r["world_size"], r["device"]) for r in ranks] == [
+        (0, 2, "cpu"),
+        (1, 2, "cpu"),
+    ]
+    # Each rank trained on its half of the images (DistributedSampler pads to equal shares)...
+    assert [r["train_samples"] for r in ranks] == [(done.metrics["n_train"] + 1) // 2] * 2
+    # ...and DDP's gradient all-reduce kept the two replicas identical, to the last bit.
+    assert ranks[0]["weights_digest"] == ranks[1]["weights_digest"]
+    # The published candidate is rank 0's best weights.
+    new = load_bundle(models.store(PROJECT).version_dir(done.promoted_version))
+    assert state_digest(new.model) == ranks[0]["weights_digest"]
+    if sys.platform.startswith("linux"):
+        # The ranks inherited the lowered priority of the thread that launched them.
+        nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+        assert [r["nice"] for r in ranks] == [nice, nice]
+
+
+def test_processes_for_counts_gpus_only_when_asked_for_zero() -> None:
+    assert processes_for(3) == 3
+    expected = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    assert processes_for(0) == max(1, expected)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")

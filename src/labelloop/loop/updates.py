@@ -13,7 +13,7 @@ import logging
 import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ from labelloop.training.core import (
     publish,
     tune,
 )
+from labelloop.training.ddp import fine_tune_distributed, processes_for
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,9 @@ class TrainerSettings(BaseModel):
     full_lr: float | None = Field(None, gt=0)
     full_patience: int = Field(3, ge=1)
     full_batch_size: int = Field(16, ge=1)
+    # Ranks of a full update's DDP (torchrun's launcher, training/ddp.py); 0: one per CUDA GPU,
+    # and on a machine without CUDA one process, which already uses every core.
+    full_processes: int = Field(0, ge=0)
     replay_max: int = Field(2000, ge=0)
     fetch_workers: int = Field(8, ge=1)
     poll_seconds: float = Field(0.5, gt=0)
@@ -426,22 +430,48 @@ class Updater:
             f"fine-tuning on {len(train_items)} images "
             f"({len(replay_items)} replayed from offline data)",
         )
-        result = run_at_lower_priority(
-            s.train_nice,
-            fine_tune,
-            model,
-            loader(train_items, train_targets, base.preprocess, train=True),
-            val_loader,
-            train_targets=train_targets,
-            classes=space.classes,
-            optim=optim,
-            device=device,
-            work_dir=work_dir,
-            show_progress=False,
-            on_epoch=lambda row: self._progress(
+
+        def on_epoch(row: dict[str, float]) -> None:
+            self._progress(
                 job, f"epoch {row['epoch']}/{optim.epochs}: val loss {row['val_loss']:.4f}"
-            ),
-        )
+            )
+
+        processes = processes_for(s.full_processes)
+        ranks: list[dict[str, Any]] = []
+        if processes > 1:
+            # The ranks are started from the niced thread, so they inherit its priority.
+            fitted = run_at_lower_priority(
+                s.train_nice,
+                fine_tune_distributed,
+                processes,
+                model,
+                train_items,
+                train_targets,
+                val_items or train_items[:1],
+                val_targets if val_items else train_targets[:1],
+                base.preprocess,
+                classes=space.classes,
+                optim=optim,
+                work_dir=work_dir,
+                seed=job.id,
+                on_epoch=on_epoch,
+            )
+            result, ranks = fitted.result, [asdict(r) for r in fitted.ranks]
+        else:
+            result = run_at_lower_priority(
+                s.train_nice,
+                fine_tune,
+                model,
+                loader(train_items, train_targets, base.preprocess, train=True),
+                val_loader,
+                train_targets=train_targets,
+                classes=space.classes,
+                optim=optim,
+                device=device,
+                work_dir=work_dir,
+                show_progress=False,
+                on_epoch=on_epoch,
+            )
         shutil.rmtree(work_dir, ignore_errors=True)
         model.cpu().eval()
 
@@ -486,6 +516,8 @@ class Updater:
             "n_val": len(val_items),
             "n_labelled": len(examples),
             "best_epoch": result.best_epoch,
+            "processes": processes,
+            **({"ranks": ranks} if ranks else {}),
             "threshold_method": "validation" if val_items else "carried",
             "evaluation": evaluation_of(eval_true, candidate_pred, candidate_probs, space.classes),
         }

@@ -61,10 +61,15 @@ def init_distributed(device_spec: str) -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         use_cuda = resolve_device(device_spec).type == "cuda"
+        if use_cuda:
+            # One GPU per rank: "cuda" (no index) then means this rank's GPU everywhere after,
+            # as DistributedDataParallel's device_ids=[local_rank] expects.
+            torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
     logger.info("Distributed training: rank %d of %d", info.rank, info.world_size)
     return info
 
@@ -182,6 +187,15 @@ def _score(row: dict[str, float], monitor: str) -> float:
     """Higher is better for both monitors, so one comparison serves both."""
     value = row["val_map"] if monitor == "map" else -row["val_loss"]
     return -math.inf if math.isnan(value) else value
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    """The rows `fit` wrote to history.csv, as numbers."""
+    with path.open(newline="") as handle:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    for row in rows:
+        row["epoch"], row["best"] = int(row["epoch"]), int(row["best"])
+    return rows
 
 
 def _write_history(path: Path, history: list[dict[str, float]]) -> None:

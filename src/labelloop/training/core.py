@@ -200,10 +200,14 @@ def image_loader(
         transform, side = train_transform(preprocess), train_decode_side(preprocess)
     else:
         transform, side = eval_transform(preprocess), resize_size(preprocess)
+    # A training batch of one image fails in BatchNorm ("Expected more than 1 value per
+    # channel"): when the shuffled epoch would end with one, that one image sits the epoch out.
+    n = len(sampler) if sampler is not None else len(items)
     return DataLoader(
         ImageDataset(items, targets, transform, min_side=side),
         batch_size=batch_size,
         shuffle=train and sampler is None,
+        drop_last=train and n > 1 and n % batch_size == 1,
         sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_skip_none,
