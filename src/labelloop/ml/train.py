@@ -279,8 +279,13 @@ def fit(
             show_progress=show,
         )
         if dist_info.enabled:
-            # Every rank validates the whole (small) val set, so stopping decisions agree without
-            # another collective; only the train loss needs averaging for the record.
+            # Every rank validates the whole (small) val set with the same weights, so stopping
+            # decisions agree without another collective. The same weights includes BatchNorm's
+            # running statistics: DDP broadcasts them before each forward, so after the epoch's
+            # last one each rank's differ, and so would the ranks' best epochs (or a rank would
+            # stop while the other waits in all-reduce). Rank 0's are taken by all.
+            for stats in model.buffers():
+                dist.broadcast(stats, src=0)
             loss_tensor = torch.tensor([train_loss], device=device)
             dist.all_reduce(loss_tensor)
             train_loss = loss_tensor.item() / dist_info.world_size

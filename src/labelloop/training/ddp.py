@@ -53,7 +53,7 @@ def processes_for(requested: int) -> int:
 @dataclass(frozen=True)
 class RankReport:
     """What one rank did: its share of the training images and a digest of its final weights
-    (DDP keeps every replica's parameters identical, so all digests agree)."""
+    (DDP keeps every replica identical, so all digests agree)."""
 
     rank: int
     world_size: int
@@ -70,10 +70,9 @@ class DistributedFit:
 
 
 def state_digest(model: nn.Module) -> str:
-    """A digest of the parameters. Not of the buffers: DDP broadcasts BatchNorm's running
-    statistics from rank 0 before each forward, so after the last one each rank's differ."""
+    """A digest of the weights: parameters and buffers (BatchNorm's running statistics)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.named_parameters()):
+    for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
