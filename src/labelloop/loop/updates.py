@@ -414,12 +414,12 @@ class Updater:
         ) -> torch.utils.data.DataLoader:
             return image_loader(items, y, preprocess, batch_size=optim.batch_size, **kw)
 
-        val_loader = loader(
-            val_items or train_items[:1],
-            val_targets if val_items else train_targets[:1],
-            base.preprocess,
-            train=False,
+        # Without val tasks the fit still needs a val set (one training image); the thresholds
+        # then stay carried.
+        fit_val_items, fit_val_targets = (
+            (val_items, val_targets) if val_items else (train_items[:1], train_targets[:1])
         )
+        val_loader = loader(fit_val_items, fit_val_targets, base.preprocess, train=False)
         model = model_with_head(
             base.model, extend_head(head_of(base.model), base.label_space.classes, space.classes)
         )
@@ -447,8 +447,8 @@ class Updater:
                 model,
                 train_items,
                 train_targets,
-                val_items or train_items[:1],
-                val_targets if val_items else train_targets[:1],
+                fit_val_items,
+                fit_val_targets,
                 base.preprocess,
                 classes=space.classes,
                 optim=optim,
