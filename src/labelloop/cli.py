@@ -502,6 +502,23 @@ ReconcileSecondsOpt = Annotated[
 RefreshOpt = Annotated[
     bool, typer.Option(help="After a promotion, re-predict and push unlabelled tasks.")
 ]
+PriorityOpt = Annotated[
+    str | None,
+    typer.Option(
+        envvar="LABELLOOP_PRIORITY",
+        help="What an unlabelled task's prediction score means: its labelling priority over "
+        "the project (margin-density-diversity, margin-diversity) or the plain margin "
+        "(margin) [margin-density-diversity]; docs/active-learning.md.",
+    ),
+]
+PriorityHorizonOpt = Annotated[
+    int | None,
+    typer.Option(
+        envvar="LABELLOOP_PRIORITY_HORIZON",
+        min=0,
+        help="Places of the labelling queue planned for diversity; past them, margin order [100].",
+    ),
+]
 RenameBackendOpt = Annotated[
     bool,
     typer.Option(help="After a promotion, rename our ML backend entry to the version."),
@@ -577,6 +594,8 @@ def serve(
     reconcile_seconds: ReconcileSecondsOpt = 600.0,
     full_processes: FullProcessesOpt = 0,
     refresh: RefreshOpt = True,
+    priority: PriorityOpt = None,
+    priority_horizon: PriorityHorizonOpt = None,
     rename_backend: RenameBackendOpt = True,
     public_url: PublicUrlOpt = None,
     runtime: Annotated[
@@ -621,6 +640,8 @@ def serve(
             "public_url": public_url,
             "runtime": runtime,
             "max_loaded_models": max_loaded_models,
+            "priority": priority,
+            "priority_horizon": priority_horizon,
         }
     )
     app_ = build_app(
@@ -669,6 +690,8 @@ def worker(
     reconcile_seconds: ReconcileSecondsOpt = 600.0,
     full_processes: FullProcessesOpt = 0,
     refresh: RefreshOpt = True,
+    priority: PriorityOpt = None,
+    priority_horizon: PriorityHorizonOpt = None,
     rename_backend: RenameBackendOpt = True,
     public_url: PublicUrlOpt = None,
     lease_seconds: Annotated[
@@ -703,6 +726,8 @@ def worker(
             "refresh": refresh,
             "rename_backend": rename_backend,
             "public_url": public_url,
+            "priority": priority,
+            "priority_horizon": priority_horizon,
         }
     )
     if settings.queue_url is None:
@@ -802,6 +827,16 @@ def preannotate(
         f"{summary['model_version']}: {summary['predicted']} predicted, {summary['skipped']} "
         f"skipped (already predicted), failed: {failed}; {seconds:.1f} s ({rate:.1f} tasks/s)"
     )
+    # A backend older than the labelling order sends no "scores": its scores are margins.
+    scores = summary.get("scores", "margin")
+    typer.echo(
+        f"scores: {scores}"
+        + (
+            " (the unlabelled tasks' labelling priority)"
+            if scores != "margin"
+            else " (the predictions' confidence)"
+        )
+    )
 
 
 _DEFAULT_BACKEND = "http://127.0.0.1:9090"
@@ -877,7 +912,7 @@ def _preannotate_here(
     from labelloop.progress import Progress
     from labelloop.runtime.predictor import Predictor
     from labelloop.runtime.projects import ProjectModels
-    from labelloop.serve.app import FetcherRegistry
+    from labelloop.serve.app import FetcherRegistry, embedding_cache, labelling_order
     from labelloop.serve.settings import settings_from
 
     settings = settings_from({"model_dir": model_dir})
@@ -910,6 +945,7 @@ def _preannotate_here(
                 batch_size=batch_size,
                 limit=limit,
                 progress=bar.update,
+                order=labelling_order(settings, embedding_cache(model_dir)),
             )
     except LabelConfigError as exc:
         raise ConfigError(
@@ -941,9 +977,8 @@ def review(
         raise ConfigError(f"--format must be table, json or csv, got {fmt!r}")
     from labelloop.loop.ledger import Ledger
     from labelloop.loop.review import NothingToReview, format_flags, review_project
-    from labelloop.ml.embeddings import EmbeddingCache
     from labelloop.runtime.projects import ProjectModels
-    from labelloop.serve.app import FetcherRegistry
+    from labelloop.serve.app import FetcherRegistry, embedding_cache
     from labelloop.serve.settings import settings_from
     from labelloop.store import load_bundle
 
@@ -972,7 +1007,7 @@ def review(
             project,
             bundle,
             fetch,
-            EmbeddingCache(model_dir / "cache" / "embeddings.sqlite3"),
+            embedding_cache(model_dir),
             top=top,
         )
     except NothingToReview as exc:

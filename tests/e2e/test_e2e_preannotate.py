@@ -30,7 +30,18 @@ def project(label_studio, demo_dataset, trained_model, tmp_path_factory):
     return {"id": pid, "model_dir": model_dir, "server": server, "client": client}
 
 
-def run(project, *args: str, read_uploads_from_disk: bool = False) -> tuple[int, int]:
+@pytest.fixture
+def fresh(project):
+    """The module's project with no prediction of the current version, whatever ran before."""
+    client, pid = project["client"], project["id"]
+    client.update_project(pid, evaluate_predictions_automatically=False)
+    client.delete_version_predictions(pid, ModelStore(project["model_dir"]).current_version())
+    return project
+
+
+def run(
+    project, *args: str, read_uploads_from_disk: bool = False, priority: str | None = None
+) -> tuple[int, int]:
     server = project["server"]
     env = dict(
         os.environ,
@@ -38,6 +49,9 @@ def run(project, *args: str, read_uploads_from_disk: bool = False) -> tuple[int,
         LABEL_STUDIO_API_KEY=server.settings.token,
         LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=str(server.settings.document_root),
     )
+    env.pop("LABELLOOP_PRIORITY", None)
+    if priority is not None:
+        env["LABELLOOP_PRIORITY"] = priority
     env.pop("LABEL_STUDIO_BASE_DATA_DIR", None)
     if read_uploads_from_disk:
         env["LABEL_STUDIO_BASE_DATA_DIR"] = str(server.settings.data_dir)
@@ -63,6 +77,7 @@ def run(project, *args: str, read_uploads_from_disk: bool = False) -> tuple[int,
     assert done.returncode == 0, done.stdout + done.stderr
     match = re.search(r"(\d+) predicted, (\d+) skipped", done.stdout)
     assert match, done.stdout
+    project["last_output"] = done.stdout
     return int(match.group(1)), int(match.group(2))
 
 
@@ -73,7 +88,8 @@ def uploads_served(project) -> int:
     return len({line for line in log if re.search(r'"GET /data/upload/\S+ HTTP/[\d.]+" 200', line)})
 
 
-def test_preannotate_resumes_and_never_duplicates(project) -> None:
+def test_preannotate_resumes_and_never_duplicates(fresh) -> None:
+    project = fresh
     client, pid = project["client"], project["id"]
     version = ModelStore(project["model_dir"]).current_version()
     served = uploads_served(project)
@@ -90,7 +106,8 @@ def test_preannotate_resumes_and_never_duplicates(project) -> None:
     assert all(0.0 <= p["score"] <= 1.0 for p in predictions)
 
 
-def test_preannotate_all_replaces_instead_of_duplicating(project) -> None:
+def test_preannotate_all_replaces_instead_of_duplicating(fresh) -> None:
+    project = fresh
     client, pid = project["client"], project["id"]
     version = ModelStore(project["model_dir"]).current_version()
     run(project)
@@ -110,6 +127,49 @@ def test_preannotate_all_replaces_instead_of_duplicating(project) -> None:
     # Label Studio clears the live version on a bulk delete of its predictions; it is restored.
     assert client.get_project(pid)["model_version"] == version
     assert not before & {p["id"] for p in client.predictions(project_id=pid)}
+
+
+def original_name(task: dict) -> str:
+    """The uploaded file's own name: Label Studio prefixes each upload with a random id."""
+    return task["data"]["image"].rsplit("/", 1)[-1].split("-", 1)[-1]
+
+
+def lowest_scored(project, n: int) -> list[str]:
+    """The images of the `n` tasks Label Studio's Data Manager lists first by ascending
+    prediction score (ties by task id), from the current version's predictions."""
+    client, pid = project["client"], project["id"]
+    version = ModelStore(project["model_dir"]).current_version()
+    name = {t["id"]: original_name(t) for t in client.list_tasks(pid, include=("id", "data"))}
+    scored = sorted(
+        (p["score"], p["task"])
+        for p in client.predictions(project_id=pid)
+        if p["model_version"] == version
+    )
+    assert len(scored) == 240
+    return [name[task] for _, task in scored[:n]]
+
+
+def test_the_whole_pool_is_scored_in_labelling_order(fresh) -> None:
+    """The module's 240 tasks are 120 images twice. Ordered by margin, the two copies of an
+    image score the same, so the first 100 places of the Data Manager's queue hold about 50
+    images twice over; in the labelling order (the default) a copy waits until the rest of the
+    pool has had its turn, so the first 100 places (the planned horizon) are 100 images."""
+    project = fresh
+    assert run(project, "--all", priority="margin") == (240, 0)
+    assert "scores: margin" in project["last_output"]
+    by_margin = lowest_scored(project, 100)
+    assert len(set(by_margin)) <= 60, Counter(by_margin).most_common(3)
+
+    assert run(project, "--all") == (240, 0)
+    assert "scores: margin-density-diversity" in project["last_output"]
+    ordered = lowest_scored(project, 100)
+    assert len(set(ordered)) == 100, Counter(ordered).most_common(3)
+
+    # A run over part of the pool cannot rank it: its scores are margins, and it says so.
+    client, pid = project["client"], project["id"]
+    client.delete_version_predictions(pid, ModelStore(project["model_dir"]).current_version())
+    assert run(project, "--limit", "40") == (40, 0)
+    assert "scores: margin" in project["last_output"]
 
 
 def test_preannotate_without_credentials_is_a_clear_error(project) -> None:
@@ -134,12 +194,12 @@ def test_preannotate_without_credentials_is_a_clear_error(project) -> None:
     assert "LABEL_STUDIO_URL" in done.stderr + done.stdout
 
 
-def test_preannotate_never_makes_label_studio_call_the_backend(project, backend) -> None:
+def test_preannotate_never_makes_label_studio_call_the_backend(fresh, backend) -> None:
     """With "retrieve predictions automatically" on, listing tasks through the Data Manager makes
     Label Studio call every connected backend for tasks without a prediction; pre-annotation
     must read the tasks another way. (Reuses the module's project and its 240 tasks.)"""
+    project = fresh
     client, pid = project["client"], project["id"]
-    client.delete_version_predictions(pid, ModelStore(project["model_dir"]).current_version())
     assert not client.predictions(project_id=pid)
     client.connect_ml_backend(pid, backend.url)
     client.update_project(pid, evaluate_predictions_automatically=True)

@@ -103,6 +103,10 @@ def test_same_work_whichever_way_tasks_are_listed(
     assert work.skipped == len(STATE) - len(wanted)
     assert work.replaced == replaced
     assert work.replaces_whole_version == (replaced == {4: [100], 6: [102, 103]})
+    # The labelling order needs the labelled tasks, and only ranks a run that holds every
+    # unlabelled task (1, 3, 4 and 5).
+    assert [t["id"] for t in work.labelled] == [2, 6]
+    assert work.whole_pool == ({1, 3, 4, 5} <= set(wanted))
 
 
 def test_limit_cuts_the_work_without_counting_as_skipped() -> None:
@@ -116,6 +120,7 @@ def test_limit_cuts_the_work_without_counting_as_skipped() -> None:
     assert [t["id"] for t in work.tasks] == [1, 2, 3, 4]
     assert work.skipped == 0
     assert work.replaced == {4: [100]} and not work.replaces_whole_version
+    assert not work.whole_pool  # task 5 is past the limit
 
 
 class SlowImports:

@@ -21,7 +21,8 @@ from typing import Any
 from labelloop.labelstudio.client import LabelStudioClient
 from labelloop.labelstudio.fetcher import ImageFetcher
 from labelloop.labelstudio.protocol import Task, TaskPrediction
-from labelloop.runtime.predictor import LoadedModel, Predictor
+from labelloop.loop.ordering import LabellingOrder, PoolTask
+from labelloop.runtime.predictor import LoadedModel, Predictor, resolve_config
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ class PreannotateSummary:
     forward_seconds: float = 0.0
     pushes: int = 0
     cancelled: bool = False
+    # What the pushed scores mean: "margin" (the served confidence) or the labelling-order
+    # strategy that ranked the whole unlabelled pool (loop.ordering).
+    scores: str = "margin"
+    order_seconds: float = 0.0
     first_stored_at: float | None = None  # wall clock: the first predictions were stored
 
     def to_dict(self) -> dict[str, Any]:
@@ -56,6 +61,8 @@ class PreannotateSummary:
             "forward_seconds": round(self.forward_seconds, 2),
             "pushes": self.pushes,
             "cancelled": self.cancelled,
+            "scores": self.scores,
+            "order_seconds": round(self.order_seconds, 2),
             "first_stored_at": self.first_stored_at,
         }
 
@@ -68,6 +75,10 @@ class Work:
     replaced: dict[int, list[int]] = field(default_factory=dict)
     # True when `replaced` is every prediction of the version in the project: one bulk delete.
     replaces_whole_version: bool = False
+    # The project's labelled tasks, and whether `tasks` holds every unlabelled one (only then
+    # can a labelling order that ranks the pool be computed).
+    labelled: list[dict[str, Any]] = field(default_factory=list)
+    whole_pool: bool = False
 
 
 def tasks_to_predict(
@@ -111,6 +122,8 @@ def tasks_to_predict(
         skipped=skipped,
         replaced=replaced,
         replaces_whole_version=bool(replaced) and len(replaced) == len(current),
+        labelled=[t for t in tasks if t["labelled"]],
+        whole_pool=all(int(t["id"]) in wanted_ids for t in tasks if not t["labelled"]),
     )
 
 
@@ -138,8 +151,15 @@ def preannotate(
     limit: int | None = None,
     cancel: threading.Event | None = None,
     progress: Callable[[int, int], None] | None = None,
+    order: LabellingOrder | None = None,
 ) -> PreannotateSummary:
-    """Predict the project's tasks with `model` and push the predictions in bulk."""
+    """Predict the project's tasks with `model` and push the predictions in bulk.
+
+    With an `order` whose scores rank the pool, a run that predicts every unlabelled task
+    pushes the labelling priority as the unlabelled tasks' score (loop.ordering): the
+    predictions are then held until the pool is predicted and ranked, and pushed afterwards.
+    Any other run pushes the served margins as it goes.
+    """
     started = time.perf_counter()
     project = client.get_project(project_id)
     work = tasks_to_predict(
@@ -164,6 +184,15 @@ def preannotate(
         project.get("model_version") == model.version
     )
     summary.list_seconds = time.perf_counter() - started
+    ranked = order is not None and order.needs_pool and work.whole_pool
+    if order is not None and order.needs_pool and not ranked:
+        logger.info(
+            "Project %d: this run predicts part of the unlabelled tasks, so their scores are "
+            "margins; the labelling order (%s) is set by a run over all of them",
+            project_id,
+            order.strategy,
+        )
+    held: list[tuple[Task, dict[str, Any]]] = []
     with _Pusher(client, project_id) as pusher:
         for start, end in _steps(len(tasks), batch_size, first=predictor.batch_size * 2):
             if cancel is not None and cancel.is_set():
@@ -178,11 +207,23 @@ def preannotate(
                 for task, result in zip(chunk, results, strict=True)
                 if isinstance(result, TaskPrediction)
             ]
-            stale = [pid for item in payload for pid in work.replaced.get(item["task"], [])]
-            pusher.add(payload, stale)
+            if ranked:
+                by_id = {task.id: task for task in chunk}
+                held.extend((by_id[item["task"]], item) for item in payload)
+            else:
+                stale = [pid for item in payload for pid in work.replaced.get(item["task"], [])]
+                pusher.add(payload, stale)
             summary.predicted += len(payload)
             if progress is not None:
                 progress(end, len(tasks))
+        if held:
+            assert order is not None
+            if not summary.cancelled:
+                _rank(order, held, work, project["label_config"], model, fetcher, cancel, summary)
+            for start in range(0, len(held), batch_size):
+                payload = [item for _, item in held[start : start + batch_size]]
+                stale = [pid for item in payload for pid in work.replaced.get(item["task"], [])]
+                pusher.add(payload, stale)
         # Also after a cancel: what was predicted is stored. A failed push fails the run; what
         # was pushed before it stays.
         pusher.finish()
@@ -202,6 +243,42 @@ def preannotate(
         " (cancelled)" if summary.cancelled else "",
     )
     return summary
+
+
+def _rank(
+    order: LabellingOrder,
+    held: list[tuple[Task, dict[str, Any]]],
+    work: Work,
+    label_config: str,
+    model: LoadedModel,
+    fetcher: ImageFetcher,
+    cancel: threading.Event | None,
+    summary: PreannotateSummary,
+) -> None:
+    """Replace the held predictions' margins by the labelling priority of the pool. A failure
+    keeps the margins: the predictions are pushed either way."""
+    started = time.perf_counter()
+    try:
+        _, mapping = resolve_config(label_config, model.classes)
+        image_key = mapping.bindings[0].control.image_key
+        unlabelled = [
+            PoolTask(task.id, str(task.data.get(image_key, "")), float(item["score"]))
+            for task, item in held
+        ]
+        labelled = [
+            PoolTask(int(t["id"]), str(t["data"][image_key]))
+            for t in work.labelled
+            if isinstance(t["data"].get(image_key), str)
+        ]
+        scores = order.scores(model, fetcher, unlabelled, labelled, cancel=cancel)
+    except Exception:  # noqa: BLE001 - an order is a bonus; the predictions must still land
+        logger.exception("Labelling order of %d tasks failed; pushing margins", len(held))
+        return
+    for (_, item), score in zip(held, scores, strict=True):
+        # Finer than the served margins: pick j of N scores j / N.
+        item["score"] = round(float(score), 6)
+    summary.scores = order.strategy
+    summary.order_seconds = time.perf_counter() - started
 
 
 def _steps(n: int, size: int, *, first: int) -> list[tuple[int, int]]:
@@ -328,10 +405,13 @@ class Refresher:
         *,
         refresh: bool = True,
         rename_backend: str | None = None,
+        order: LabellingOrder | None = None,
     ) -> None:
         """`model_for`: the model a project is served now. `rename_backend`: our URL as Label
         Studio knows it; the project's entry is renamed to each new version. None leaves the
-        entry alone."""
+        entry alone. `order`: the labelling order the refreshed scores carry (margins when
+        None)."""
+        self.order = order
         self.predictor = predictor
         self.client = client
         self.fetcher = fetcher
@@ -437,6 +517,7 @@ class Refresher:
                         missing_only=True,
                         unlabelled_only=True,
                         cancel=cancel,
+                        order=self.order,
                     )
         except Exception:  # noqa: BLE001 - a failed refresh must not take the server down
             logger.exception("Refreshing predictions of project %d failed", project_id)
@@ -487,7 +568,9 @@ class PreannotateRuns:
         model_for: Callable[[int], LoadedModel | None],
         *,
         keep: int = 50,
+        order: LabellingOrder | None = None,
     ) -> None:
+        self.order = order
         self.predictor = predictor
         self.client = client
         self.fetcher = fetcher
@@ -567,6 +650,7 @@ class PreannotateRuns:
                     limit=limit,
                     cancel=self._cancel,
                     progress=progress,
+                    order=self.order,
                 )
             run.summary = summary.to_dict()
             run.total = run.total or summary.tasks

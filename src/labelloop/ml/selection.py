@@ -67,6 +67,7 @@ __all__ = [
     "Strategy",
     "diversity_priority",
     "margin_scores",
+    "priority_from_margins",
     "priority_scores",
     "typicality",
 ]
@@ -215,7 +216,28 @@ def priority_scores(
     "margin-density-diversity" computes the unlabelled items' `typicality` among all N + L
     items unless `typical` (N,) gives it (it depends on the pool only, so it can be kept).
     """
-    margins = margin_scores(probs, thresholds)
+    return priority_from_margins(
+        margin_scores(probs, thresholds),
+        strategy=strategy,
+        unlabelled=unlabelled,
+        labelled=labelled,
+        horizon=horizon,
+        typical=typical,
+    )
+
+
+def priority_from_margins(
+    margins: np.ndarray,
+    *,
+    strategy: Strategy = DEFAULT_STRATEGY,
+    unlabelled: np.ndarray | None = None,
+    labelled: np.ndarray | None = None,
+    horizon: int = DEFAULT_HORIZON,
+    typical: np.ndarray | None = None,
+) -> np.ndarray:
+    """`priority_scores` from the items' margins (the served prediction scores) instead of
+    their probabilities: what a caller holding Label Studio predictions has."""
+    margins = _unit_interval(margins, len(margins), "margins")
     if strategy == "margin":
         return margins
     if strategy not in STRATEGIES:
@@ -223,9 +245,7 @@ def priority_scores(
     if unlabelled is None:
         raise ValueError(f"strategy {strategy!r} needs the embeddings of the unlabelled items")
     if len(unlabelled) != len(margins):
-        raise ValueError(
-            f"{len(margins)} rows of probabilities but {len(unlabelled)} unlabelled embeddings"
-        )
+        raise ValueError(f"{len(margins)} margins but {len(unlabelled)} unlabelled embeddings")
     weight = 1.0 - margins
     if strategy == "margin-density-diversity":
         if typical is None:

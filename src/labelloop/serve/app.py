@@ -8,6 +8,7 @@ long `/predict` never stalls `/setup`, `/health` or `/webhook`.
 from __future__ import annotations
 
 import logging
+import pathlib
 import secrets
 import threading
 import time
@@ -39,8 +40,10 @@ from labelloop.labelstudio.protocol import (
 from labelloop.labelstudio.urls import BaseURLError, FetchSettings, http_base_url
 from labelloop.lineages import Lineages, migrate_layout
 from labelloop.loop.ledger import AnnotationLedger, Ledger, LedgerError
+from labelloop.loop.ordering import LabellingOrder
 from labelloop.loop.preannotate import PreannotateRuns, Refresher
 from labelloop.loop.trainer import Trainer, TrainerSettings
+from labelloop.ml.embeddings import EmbeddingCache
 from labelloop.runtime.predictor import LoadedModel, Predictor, resolve_config
 from labelloop.runtime.projects import ProjectModels
 from labelloop.serve.events import record_event
@@ -243,16 +246,20 @@ def create_app(
     ledger: AnnotationLedger | None = None,
     trainer: Trainer | None = None,
     refresher: Refresher | None = None,
+    order: LabellingOrder | None = None,
 ) -> FastAPI:
     """The app. Without a ledger, webhooks are only acknowledged; with a trainer, annotations
-    train new versions in the background."""
+    train new versions in the background. `order`: the labelling order pre-annotation runs
+    through this backend push as scores (margins when None)."""
     predictor = predictor or Predictor(
         batch_size=settings.batch_size, workers=settings.fetch_workers
     )
     fetchers = fetchers or FetcherRegistry(settings)
     metrics = ServerMetrics()
 
-    runs = PreannotateRuns(predictor, fetchers.client, fetchers.current, models.serving)
+    runs = PreannotateRuns(
+        predictor, fetchers.client, fetchers.current, models.serving, order=order
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -537,6 +544,22 @@ class Components:
     fetchers: FetcherRegistry
     refresher: Refresher | None
     trainer: Trainer
+    order: LabellingOrder
+
+
+def embedding_cache(model_dir: pathlib.Path) -> EmbeddingCache:
+    """The backbone embeddings of a backend's images, shared by its fits, reviews and orders."""
+    return EmbeddingCache(model_dir / "cache" / "embeddings.sqlite3")
+
+
+def labelling_order(settings: ServeSettings, embeddings: EmbeddingCache) -> LabellingOrder:
+    """The order unlabelled tasks' prediction scores carry, as the settings choose it."""
+    return LabellingOrder(
+        strategy=settings.priority,
+        horizon=settings.priority_horizon,
+        embeddings=embeddings,
+        fetch_workers=settings.fetch_workers,
+    )
 
 
 def build_components(
@@ -550,8 +573,6 @@ def build_components(
     Distributed (settings.distributed): the ledger on PostgreSQL, versions in the object store
     (MODEL_DIR a cache), and jobs on the Redis queue: a server only queues them, a `worker`
     runs them (and refreshes predictions after its promotions)."""
-    from labelloop.ml.embeddings import EmbeddingCache
-
     settings.model_dir.mkdir(parents=True, exist_ok=True)
     if settings.cache_dir is None:
         settings = settings.model_copy(
@@ -589,6 +610,10 @@ def build_components(
     fetchers = FetcherRegistry(settings)
     predictor = Predictor(batch_size=settings.batch_size, workers=settings.fetch_workers)
     (settings.model_dir / "cache").mkdir(exist_ok=True)
+    # One cache for the trainer's fits and the labelling order: a fast update keeps the
+    # backbone, so the pool's vectors computed for one refresh serve the next.
+    embeddings = embedding_cache(settings.model_dir)
+    order = labelling_order(settings, embeddings)
     # Only who trains refreshes after a promotion: the worker, in the distributed mode.
     refresher = None
     trains = worker or not settings.distributed
@@ -600,6 +625,7 @@ def build_components(
             models.serving,
             refresh=settings.refresh,
             rename_backend=settings.backend_url if settings.rename_backend else None,
+            order=order,
         )
     runner = None
     if settings.queue_url is not None:
@@ -611,12 +637,12 @@ def build_components(
         ledger=ledger,
         fetcher=fetchers.current,
         label_studio=fetchers.client,
-        embeddings=EmbeddingCache(settings.model_dir / "cache" / "embeddings.sqlite3"),
+        embeddings=embeddings,
         settings=trainer_settings or TrainerSettings(),
         on_promote=refresher.on_promote if refresher is not None else None,
         runner=runner,
     )
-    return Components(settings, ledger, models, predictor, fetchers, refresher, trainer)
+    return Components(settings, ledger, models, predictor, fetchers, refresher, trainer, order)
 
 
 def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None = None) -> FastAPI:
@@ -630,4 +656,5 @@ def build_app(settings: ServeSettings, trainer_settings: TrainerSettings | None 
         ledger=c.ledger,
         trainer=c.trainer,
         refresher=c.refresher,
+        order=c.order,
     )

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 from labelloop.config import ConfigError
 from labelloop.labelstudio.urls import http_base_url
+from labelloop.ml.selection import DEFAULT_HORIZON, DEFAULT_STRATEGY, Strategy
 from labelloop.runtime.inference import Runtime
 
 
@@ -61,6 +62,10 @@ class ServeSettings(BaseModel):
     store_poll_seconds: float = Field(2.0, gt=0, le=300)
     # Training jobs: a Redis URL; `labelloop worker` processes run them (else a thread here).
     queue_url: SecretStr | None = None
+    # What the prediction score of an unlabelled task means (ml.selection, loop.ordering):
+    # its labelling priority over the project's pool, or the served margin ("margin").
+    priority: Strategy = DEFAULT_STRATEGY
+    priority_horizon: int = Field(DEFAULT_HORIZON, ge=0, le=100_000)
 
     @model_validator(mode="after")
     def _check(self) -> ServeSettings:
@@ -127,6 +132,8 @@ ENV_NAMES = {
     "store_url": "LABELLOOP_STORE_URL",
     "store_poll_seconds": "LABELLOOP_STORE_POLL_SECONDS",
     "queue_url": "LABELLOOP_QUEUE_URL",
+    "priority": "LABELLOOP_PRIORITY",
+    "priority_horizon": "LABELLOOP_PRIORITY_HORIZON",
 }
 
 
