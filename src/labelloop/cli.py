@@ -966,6 +966,15 @@ def review(
     fmt: Annotated[
         str, typer.Option("--format", help="table, json (a list of objects) or csv.")
     ] = "table",
+    push: Annotated[
+        bool,
+        typer.Option(
+            "--push",
+            help="Also store the flagged tasks in Label Studio as predictions of the model "
+            "version review-<served version> (replacing earlier review predictions), each the "
+            "annotation with the flagged labels turned over.",
+        ),
+    ] = False,
 ) -> None:
     """Annotations the model disagrees with, most suspect first.
 
@@ -975,8 +984,16 @@ def review(
     server does (LABEL_STUDIO_URL / _API_KEY, LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT)."""
     if fmt not in ("table", "json", "csv"):
         raise ConfigError(f"--format must be table, json or csv, got {fmt!r}")
+    from labelloop.labelstudio.client import LabelStudioClient
     from labelloop.loop.ledger import Ledger
-    from labelloop.loop.review import NothingToReview, format_flags, review_project
+    from labelloop.loop.review import (
+        NothingToReview,
+        format_flags,
+        push_review,
+        review_predictions,
+        review_project,
+        review_version,
+    )
     from labelloop.runtime.projects import ProjectModels
     from labelloop.serve.app import FetcherRegistry, embedding_cache
     from labelloop.serve.settings import settings_from
@@ -992,6 +1009,8 @@ def review(
         raise StoreError(f"no model serves project {project}: train one first")
     bundle = load_bundle(store.version_dir(version))
     settings = settings_from({"model_dir": model_dir})
+    if push and not (settings.label_studio_url and settings.label_studio_api_key):
+        raise ConfigError("--push needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
     fetchers = FetcherRegistry(settings)
     fetcher = fetchers.current()
 
@@ -1010,6 +1029,7 @@ def review(
             embedding_cache(model_dir),
             top=top,
         )
+        pushed = review_predictions(flags, ledger, project, version) if push else []
     except NothingToReview as exc:
         raise ConfigError(str(exc)) from None
     finally:
@@ -1017,6 +1037,19 @@ def review(
         fetchers.close()
     text = format_flags(flags, fmt)  # type: ignore[arg-type]
     typer.echo(text, nl=not text.endswith("\n"))
+    if push:
+        assert settings.label_studio_url and settings.label_studio_api_key
+        with LabelStudioClient(
+            settings.label_studio_url, settings.label_studio_api_key.get_secret_value()
+        ) as client:
+            deleted, created = push_review(client, project, pushed)
+        # On stderr: stdout stays the list in the format asked for.
+        typer.echo(
+            f"pushed {created} review predictions to project {project} as model version "
+            f"{review_version(version)} (replacing {deleted}); in the Data Manager, filter "
+            f"'Prediction model versions' for it",
+            err=True,
+        )
 
 
 @app.command()

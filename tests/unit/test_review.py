@@ -415,3 +415,72 @@ def test_review_project_rejects_a_bad_option_before_fetching(project) -> None:
 
     with pytest.raises(ValueError, match="top must be at least 1"):
         review_project(ledger, PROJECT, colour_bundle(), fetch, cache, top=0)
+
+
+REVIEW_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <Choices name="components" toName="image" choice="multiple">
+    <Choice value="bolt"/><Choice value="nut"/>
+  </Choices>
+  <Choices name="defects" toName="image" choice="single">
+    <Choice value="rust"/><Choice value="dent"/>
+  </Choices>
+</View>"""
+
+
+def test_review_predictions_propose_the_annotation_with_the_flagged_labels_turned_over(
+    tmp_path: Path,
+) -> None:
+    from labelloop.labelstudio.label_config import parse_label_config
+    from labelloop.labelstudio.results import validate_prediction
+    from labelloop.loop.review import review_predictions
+
+    def record(task: int, labels: dict[str, tuple[str, ...]]) -> AnnotationRecord:
+        return AnnotationRecord(
+            5,
+            100 + task,
+            task,
+            f"/data/{task}.png",
+            labels,
+            "2026-12-02T00:00:00Z",
+            False,
+            False,
+            1,
+        )
+
+    flags = [
+        Flag(1, "components", "bolt", True, 0.02, 0.98),  # bolt annotated, surely absent
+        Flag(1, "components", "nut", False, 0.95, 0.95),  # nut missing, surely present
+        Flag(2, "defects", "dent", False, 0.90, 0.90),  # single choice: dent instead of rust
+        Flag(3, "defects", "rust", True, 0.10, 0.90),  # the only defect is wrong: none left
+        Flag(4, "components", "bolt", True, 0.01, 0.99),  # annotation deleted since
+    ]
+    with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+        ledger.set_label_config(5, REVIEW_CONFIG)
+        ledger.upsert(
+            [
+                record(1, {"components": ("bolt",), "defects": ("rust",)}),
+                record(2, {"components": ("nut",), "defects": ("rust",)}),
+                record(3, {"components": ("bolt", "nut"), "defects": ("rust",)}),
+            ]
+        )
+        out = dict(review_predictions(flags, ledger, 5, "v3-20261202T000000"))
+    assert sorted(out) == [1, 2, 3]
+    config = parse_label_config(REVIEW_CONFIG)
+    proposed = {
+        task: {item.from_name: item.value.choices for item in p.result} for task, p in out.items()
+    }
+    assert proposed == {
+        1: {"components": ["nut"], "defects": ["rust"]},
+        2: {"components": ["nut"], "defects": ["dent"]},
+        3: {"components": ["bolt", "nut"]},
+    }
+    for prediction in out.values():
+        assert prediction.model_version == "review-v3-20261202T000000"
+        validate_prediction(prediction, config)
+    # Lowest score = most suspect, as Label Studio sorts; the flags travel in meta.
+    assert out[1].score == pytest.approx(0.02)
+    flagged = next(i for i in out[1].result if i.from_name == "components")
+    assert [f["label"] for f in flagged.meta["review"]] == ["bolt", "nut"]
+    unflagged = next(i for i in out[1].result if i.from_name == "defects")
+    assert unflagged.meta is None

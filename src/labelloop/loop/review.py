@@ -29,11 +29,15 @@ from typing import Literal
 
 import numpy as np
 
+from labelloop.labelstudio.client import LabelStudioClient
 from labelloop.labelstudio.label_config import (
     ChoicesControl,
+    LabelConfig,
     LabelConfigError,
     parse_label_config,
 )
+from labelloop.labelstudio.protocol import ChoicesValue, ResultItem, TaskPrediction
+from labelloop.labelstudio.results import validate_prediction
 from labelloop.loop.ledger import AnnotationLedger, TrainingExample
 from labelloop.loop.updates import label_space_for, out_of_fold, targets_of
 from labelloop.ml.embeddings import EmbeddingCache, embed_images
@@ -51,12 +55,16 @@ __all__ = [
     "Flag",
     "Format",
     "NothingToReview",
+    "REVIEW_PREFIX",
     "Scoring",
     "class_thresholds",
     "format_flags",
     "oof_probabilities",
+    "push_review",
     "review",
+    "review_predictions",
     "review_project",
+    "review_version",
     "suspects",
 ]
 
@@ -80,6 +88,10 @@ Scoring = Literal["probability", "margin", "scaled_margin"]
 # disagreement is more often the model's own mistake (docs/review.md).
 SCORINGS: tuple[Scoring, ...] = ("probability", "margin", "scaled_margin")
 DEFAULT_SCORING: Scoring = "probability"
+
+# The model version of review predictions in Label Studio: "review-<the served version>", so
+# that reviewers can filter the Data Manager for them and they never mix with pre-annotations.
+REVIEW_PREFIX = "review-"
 
 Format = Literal["table", "json", "csv"]
 FORMATS: tuple[Format, ...] = ("table", "json", "csv")
@@ -319,6 +331,100 @@ def review_project(
         min_per_class=min_per_class,
         top=top,
     )
+
+
+def review_predictions(
+    flags: Sequence[Flag],
+    ledger: AnnotationLedger,
+    project_id: int,
+    served_version: str,
+) -> list[tuple[int, TaskPrediction]]:
+    """One Label Studio prediction per flagged task, as (task id, prediction).
+
+    Each is the task's annotation with every flagged label turned over, what the model proposes
+    (a single-choice control takes the proposed label in place of the annotated one); each
+    result item lists its control's flags under ``meta.review``. The score is 1 - the task's
+    highest flag score, so that ascending order (Label Studio's) shows the most suspect first.
+    Labels no control of the config offers are left out: Label Studio could not show them.
+    """
+    config_xml = ledger.label_config(project_id)
+    if config_xml is None:
+        raise NothingToReview(f"the label config of project {project_id} is not known yet")
+    config = parse_label_config(config_xml)
+    annotated = {e.task_id: e.labels for e in ledger.training_set(project_id)}
+    by_task: dict[int, list[Flag]] = {}
+    for flag in flags:
+        by_task.setdefault(flag.task_id, []).append(flag)
+    version = review_version(served_version)
+    out = []
+    for task_id, task_flags in by_task.items():
+        if task_id not in annotated:
+            continue  # its annotation was deleted since the review
+        prediction = TaskPrediction(
+            result=_proposed(config, annotated[task_id], task_flags),
+            score=round(1.0 - max(f.score for f in task_flags), 4),
+            model_version=version,
+        )
+        validate_prediction(prediction, config)
+        out.append((task_id, prediction))
+    return out
+
+
+def review_version(served_version: str) -> str:
+    """The model version review predictions of `served_version` carry in Label Studio."""
+    return f"{REVIEW_PREFIX}{served_version}"
+
+
+def push_review(
+    client: LabelStudioClient,
+    project_id: int,
+    predictions: Sequence[tuple[int, TaskPrediction]],
+) -> tuple[int, int]:
+    """Replace the project's review predictions (every model version starting with
+    REVIEW_PREFIX) by `predictions`; (deleted, created)."""
+    old = {
+        str(p["model_version"])
+        for p in client.predictions(project_id=project_id)
+        if str(p.get("model_version", "")).startswith(REVIEW_PREFIX)
+    }
+    deleted = sum(client.delete_version_predictions(project_id, v) for v in sorted(old))
+    payload = [
+        {"task": task_id, **prediction.model_dump(mode="json", exclude_none=True)}
+        for task_id, prediction in predictions
+    ]
+    created = client.import_predictions(project_id, payload) if payload else 0
+    logger.info(
+        "Project %d: %d review predictions replace %d earlier ones", project_id, created, deleted
+    )
+    return deleted, created
+
+
+def _proposed(
+    config: LabelConfig, labels: dict[str, tuple[str, ...]], flags: Sequence[Flag]
+) -> list[ResultItem]:
+    items = []
+    for control in config.controls:
+        mine = [f for f in flags if f.control == control.name]
+        chosen = set(labels.get(control.name, ()))
+        for flag in mine:
+            if flag.annotated:
+                chosen.discard(flag.label)
+            elif control.multiple:
+                chosen.add(flag.label)
+            else:
+                chosen = {flag.label}
+        choices = [c for c in control.choices if c in chosen]
+        if not choices:
+            continue  # "none of these": no result item, as an annotation would have
+        items.append(
+            ResultItem(
+                from_name=control.name,
+                to_name=control.to_name,
+                value=ChoicesValue(choices=choices),
+                meta={"review": [_record(f) for f in mine]} if mine else None,
+            )
+        )
+    return items
 
 
 def format_flags(flags: Sequence[Flag], fmt: Format = "table") -> str:

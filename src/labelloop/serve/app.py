@@ -483,6 +483,11 @@ def create_app(
                 "jobs": [job.to_dict() for job in ledger.jobs(limit=10)],
                 "ledger": ledger.stats(),
             }
+        if refresher is not None:
+            # The last refresh of each project: how many tasks, and what their scores mean.
+            body["refreshes"] = {
+                str(project): summary.to_dict() for project, summary in refresher.last.items()
+            }
         return body
 
     @app.post("/preannotate", status_code=202)

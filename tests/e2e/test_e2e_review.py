@@ -1,0 +1,180 @@
+"""Label review end to end: annotations made in a real Label Studio, some of them wrong on
+purpose, reach the backend as webhooks; `labelloop review` flags the wrong ones and pushes them
+back to Label Studio as review predictions that reviewers can filter for."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+from helpers import result_for
+from servers import wait_until
+
+from labelloop.dev.demo import COMPONENTS
+
+pytestmark = pytest.mark.e2e
+
+N_TASKS = 100
+N_FLIPPED = 10  # 10 % of the tasks get one wrong component
+TOP = 20
+
+
+@pytest.fixture(scope="module")
+def world(label_studio, backend_factory, demo_dataset):
+    server, client = label_studio
+    # The backend only records: no training, no refresh, so the review judges the base model.
+    backend = backend_factory(
+        args=(
+            "--auto-train-after",
+            "100000",
+            "--quiet-seconds",
+            "86400",
+            "--no-auto-full",
+            "--no-refresh",
+        )
+    )
+    config = demo_dataset.label_config.read_text()
+    pid = client.create_project("e2e review", config)["id"]
+    images = sorted(demo_dataset.images_dir.glob("*.png"))[:N_TASKS]
+    task_ids = client.import_files(pid, images)
+    client.connect_ml_backend(pid, backend.url, title="labelloop-review")
+    truth = demo_dataset.labels()
+    rng = random.Random(7)
+    flipped: dict[int, str] = {}
+    for task_id in rng.sample(task_ids, N_FLIPPED):
+        flipped[task_id] = rng.choice(COMPONENTS)
+    annotations: dict[int, dict[str, list[str]]] = {}
+    for task_id, image in zip(task_ids, images, strict=True):
+        labels = {group: list(names) for group, names in truth[image.name].items()}
+        if task_id in flipped:
+            label = flipped[task_id]
+            present = label in labels["components"]
+            labels["components"] = [
+                c for c in COMPONENTS if (c in labels["components"]) != (c == label)
+            ]
+            assert (label in labels["components"]) is not present
+        annotations[task_id] = labels
+        client.create_annotation(task_id, result_for(labels))
+    wait_until(
+        lambda: backend.get("/status")["training"]["ledger"]["live"] >= N_TASKS,
+        timeout_s=60,
+        what="webhooks for every annotation",
+    )
+    return {
+        "server": server,
+        "client": client,
+        "backend": backend,
+        "project": pid,
+        "flipped": flipped,
+        "annotations": annotations,
+    }
+
+
+def review(world, *args: str) -> subprocess.CompletedProcess:
+    server = world["server"]
+    env = dict(
+        os.environ,
+        LABEL_STUDIO_URL=server.settings.url,
+        LABEL_STUDIO_API_KEY=server.settings.token,
+        LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=str(server.settings.document_root),
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "labelloop",
+            "review",
+            "--project",
+            str(world["project"]),
+            "--model-dir",
+            str(world["backend"].model_dir),
+            "--top",
+            str(TOP),
+            "--format",
+            "json",
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_review_finds_the_wrong_labels_and_pushes_them_for_reviewers(world) -> None:
+    client, pid, flipped = world["client"], world["project"], world["flipped"]
+    done = review(world, "--push")
+    flags = json.loads(done.stdout)  # stdout is the list alone, the push reports on stderr
+    assert 0 < len(flags) <= TOP
+    hits = [f for f in flags if flipped.get(f["task_id"]) == f["label"]]
+    # By chance, 20 of the 900 (task, label) entries would hold 0.2 of the 10 wrong ones.
+    assert len(hits) >= 4, (len(hits), flags)
+    for flag in flags:
+        annotated = world["annotations"][flag["task_id"]][flag["control"]]
+        assert (flag["label"] in annotated) is flag["annotated"]
+
+    version = world["backend"].get(f"/versions?project={pid}")["served"]
+    assert f"as model version review-{version}" in done.stderr
+    pushed = [
+        p for p in client.predictions(project_id=pid) if p["model_version"].startswith("review-")
+    ]
+    assert {p["model_version"] for p in pushed} == {f"review-{version}"}
+    flagged_tasks = {f["task_id"] for f in flags}
+    assert sorted(p["task"] for p in pushed) == sorted(flagged_tasks)  # one per flagged task
+    for prediction in pushed:
+        task_flags = [f for f in flags if f["task_id"] == prediction["task"]]
+        proposed = {
+            item["from_name"]: set(item["value"]["choices"]) for item in prediction["result"]
+        }
+        for flag in task_flags:
+            # The proposal turns the flagged label over; the flag travels with it.
+            assert (flag["label"] in proposed.get(flag["control"], set())) is not flag["annotated"]
+        assert prediction["score"] == pytest.approx(
+            1 - max(f["score"] for f in task_flags), abs=1e-4
+        )
+
+    # Reviewers find them with a Data Manager filter on the prediction's model version.
+    listed = client.list_tasks(pid, include=("id", "predictions_model_versions"))
+    with_review = {
+        t["id"]
+        for t in listed
+        if f"review-{version}" in str(t.get("predictions_model_versions") or "")
+    }
+    assert with_review == flagged_tasks
+
+    # Again: the earlier review predictions are replaced, not added to.
+    review(world, "--push")
+    again = [
+        p for p in client.predictions(project_id=pid) if p["model_version"].startswith("review-")
+    ]
+    assert sorted(p["task"] for p in again) == sorted(flagged_tasks)
+    assert not {p["id"] for p in pushed} & {p["id"] for p in again}
+
+
+def test_review_push_without_label_studio_credentials_is_a_clear_error(world) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO_")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "labelloop",
+            "review",
+            "--project",
+            str(world["project"]),
+            "--model-dir",
+            str(world["backend"].model_dir),
+            "--push",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "LABEL_STUDIO_URL" in done.stdout + done.stderr
