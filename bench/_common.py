@@ -63,4 +63,9 @@ def append_section(text: str) -> None:
     if not REPORT.exists():
         REPORT.write_text("# Benchmarks\n\nFigures from `bench/`; each section is one dated run.\n")
     with REPORT.open("a") as handle:
-        handle.write(text)
+        # A section starts after a blank line, whatever the last one ended with.
+        existing = REPORT.read_text()
+        handle.write(
+            ("" if existing.endswith("\n\n") else "\n" if existing.endswith("\n") else "\n\n")
+            + text
+        )
