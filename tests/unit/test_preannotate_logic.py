@@ -211,3 +211,54 @@ def test_a_setup_never_cancels_a_running_refresh(monkeypatch) -> None:
     refresher.wait(10)
     assert len(seen) == 1 and not seen[0].is_set()
     assert 5 in refresher.last
+
+
+class FakeOrder:
+    """A labelling order whose ranking is fixed, or fails, or sees the run cancelled."""
+
+    strategy = "margin-diversity"
+    needs_pool = True
+
+    def __init__(self, outcome: str, cancel: threading.Event | None = None) -> None:
+        self.outcome = outcome
+        self.cancel = cancel
+        self.seen: list[tuple[list[int], list[int]]] = []
+
+    def scores(self, model, fetcher, unlabelled, labelled, *, cancel=None):
+        self.seen.append(([t.id for t in unlabelled], [t.id for t in labelled]))
+        if self.outcome == "fails":
+            raise RuntimeError("embedding cache on fire")
+        if self.outcome == "cancelled" and self.cancel is not None:
+            self.cancel.set()
+        return [0.9 - 0.1 * i for i in range(len(unlabelled))]
+
+
+@pytest.mark.parametrize("outcome", ["ranked", "fails", "cancelled"])
+def test_ranking_sets_the_scores_or_keeps_the_margins(outcome: str, monkeypatch) -> None:
+    from labelloop.labelstudio.protocol import Task
+    from labelloop.loop import preannotate as module
+
+    monkeypatch.setattr(module, "resolve_config", lambda xml, classes: (None, _Mapping("image")))
+    cancel = threading.Event()
+    order = FakeOrder(outcome, cancel)
+    held = [
+        (Task(id=i, data={"image": f"/data/{i}.png"}), {"task": i, "score": 0.5, "result": []})
+        for i in (1, 3, 5)
+    ]
+    work = module.Work(tasks=[], skipped=0, labelled=[{"id": 2, "data": {"image": "/data/2.png"}}])
+    summary = module.PreannotateSummary("v1")
+    model = type("M", (), {"classes": ["bolt"]})()
+    module._rank(order, held, work, "<View/>", model, None, cancel, summary)  # type: ignore[arg-type]
+    assert order.seen == [([1, 3, 5], [2])]
+    scores = [item["score"] for _, item in held]
+    if outcome == "ranked":
+        assert scores == pytest.approx([0.9, 0.8, 0.7]) and summary.scores == "margin-diversity"
+    else:  # the predictions keep their margins, and the summary says so
+        assert scores == [0.5, 0.5, 0.5] and summary.scores == "margin"
+    assert summary.cancelled is (outcome == "cancelled")
+
+
+class _Mapping:
+    def __init__(self, key: str) -> None:
+        control = type("C", (), {"image_key": key})()
+        self.bindings = [type("B", (), {"control": control})()]

@@ -274,6 +274,11 @@ def _rank(
     except Exception:  # noqa: BLE001 - an order is a bonus; the predictions must still land
         logger.exception("Labelling order of %d tasks failed; pushing margins", len(held))
         return
+    if cancel is not None and cancel.is_set():
+        # Cancelled while ranking: images skipped since then would sit in the tail as if
+        # unreadable. The run's predictions still land, with their margins.
+        summary.cancelled = True
+        return
     for (_, item), score in zip(held, scores, strict=True):
         # Finer than the served margins: pick j of N scores j / N.
         item["score"] = round(float(score), 6)
