@@ -194,9 +194,11 @@ def test_annotations_train_a_version_that_label_studio_receives(world) -> None:
     assert [round(s, 4) for s in scores] == [round(ours[t["id"]], 4) for t in ordered]
     # Those scores are the labelling order of the whole unlabelled pool, not bare margins.
     refresh = wait_until(
-        lambda: (r := backend.get("/status").get("refreshes", {}).get(str(pid)))
-        and r["model_version"] == new_version
-        and r,
+        lambda: (
+            (r := backend.get("/status").get("refreshes", {}).get(str(pid)))
+            and r["model_version"] == new_version
+            and r
+        ),
         timeout_s=30,
         what="the refresh's summary in /status",
     )
