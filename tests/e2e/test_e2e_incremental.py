@@ -203,7 +203,9 @@ def test_annotations_train_a_version_that_label_studio_receives(world) -> None:
         what="the refresh's summary in /status",
     )
     assert refresh["scores"] == "margin-density-diversity", refresh
-    assert refresh["predicted"] == len(unlabelled), refresh
+    # Every task unlabelled when it ran (annotating may still have been under way then).
+    assert refresh["predicted"] >= len(unlabelled), refresh
+    assert refresh["predicted"] + refresh["skipped"] == N_TASKS, refresh
 
     setup = httpx.post(
         f"{backend.url}/setup", json={"project": f"{pid}.0", "schema": world["config"]}, timeout=5
