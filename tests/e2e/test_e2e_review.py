@@ -87,14 +87,18 @@ def world(label_studio, backend_factory, tmp_path_factory):
     }
 
 
-def review(world, *args: str) -> subprocess.CompletedProcess:
+def review(
+    world, *args: str, credentials: bool = True, returncode: int = 0
+) -> subprocess.CompletedProcess:
+    """`labelloop review` of the module's project as a real command: JSON, the top TOP."""
     server = world["server"]
-    env = dict(
-        os.environ,
-        LABEL_STUDIO_URL=server.settings.url,
-        LABEL_STUDIO_API_KEY=server.settings.token,
-        LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=str(server.settings.document_root),
-    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO_")}
+    if credentials:
+        env.update(
+            LABEL_STUDIO_URL=server.settings.url,
+            LABEL_STUDIO_API_KEY=server.settings.token,
+            LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=str(server.settings.document_root),
+        )
     done = subprocess.run(
         [
             sys.executable,
@@ -116,7 +120,7 @@ def review(world, *args: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == returncode, done.stdout + done.stderr
     return done
 
 
@@ -202,23 +206,5 @@ def test_review_pushes_the_flagged_tasks_for_reviewers(world) -> None:
 
 
 def test_review_push_without_label_studio_credentials_is_a_clear_error(world) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO_")}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "labelloop",
-            "review",
-            "--project",
-            str(world["project"]),
-            "--model-dir",
-            str(world["backend"].model_dir),
-            "--push",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 2, done.stdout + done.stderr
+    done = review(world, "--push", credentials=False, returncode=2)
     assert "LABEL_STUDIO_URL" in done.stdout + done.stderr
