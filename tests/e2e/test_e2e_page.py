@@ -4,7 +4,8 @@ No Label Studio: the test speaks its protocol to the backend (/setup, then ANNOT
 webhooks with demo images under the document root), and each batch of 30 annotations starts a
 fast update that --tolerance 1.0 always promotes. The page is opened before any version of the
 project exists and must follow both promotions by reloading itself, then show the version, the
-charts drawn, the per-class and job tables, without a console error, at 1280x800.
+charts drawn, the per-class, labels-to-re-check and job tables, without a console error, at
+1280x800.
 """
 
 from __future__ import annotations
@@ -178,6 +179,18 @@ def test_the_project_page_follows_the_loop(
                     By.XPATH, "//table[thead/tr/th[text()='Trigger']]/tbody/tr"
                 )
                 assert sum("succeeded" in row.text and "fast" in row.text for row in job_rows) == 2
+                # The labels to re-check of the served version: the rows /status has, in its
+                # order, each task a link into Label Studio's Data Manager.
+                review = api.get(status_path).json()["review"]
+                assert review["version"] == second and review["n_judged"] == 2 * BATCH
+                rows = driver.find_elements(By.CSS_SELECTOR, "#review-flags tbody tr")
+                assert len(rows) == len(review["flags"]) > 0
+                for row, flag in zip(rows, review["flags"], strict=True):
+                    link = row.find_element(By.TAG_NAME, "a")
+                    assert link.text == str(flag["task_id"]) and flag["label"] in row.text
+                    assert link.get_attribute("href") == (
+                        f"http://127.0.0.1:9/projects/{PROJECT}/data?task={flag['task_id']}"
+                    )
                 assert driver.execute_script("return document.documentElement.scrollWidth") <= 1280
                 driver.save_screenshot(str(tmp_path / "project-page.png"))
                 project_errors = severe_console_entries(driver)

@@ -29,6 +29,30 @@ OWN_V1 = "v1-20260102T000000"
 OWN_V2 = "v2-20260103T000000"
 PROJECT = 5  # its own lineage: OWN_V1 promoted and current, OWN_V2 rejected
 COLD = 6  # only in the ledger: served by the base model, a job running
+# What the fast update of OWN_V1 kept (loop/updates.py `_review`): its first flags of 12.
+REVIEW = {
+    "flags": [
+        {
+            "task_id": 31,
+            "control": "parts",
+            "label": EVIL_CLASS,
+            "annotated": True,
+            "probability": 0.02,
+            "score": 0.98,
+        },
+        {
+            "task_id": 7,
+            "control": "parts",
+            "label": "bolt",
+            "annotated": False,
+            "probability": 0.91,
+            "score": 0.91,
+        },
+    ],
+    "n_flagged": 12,
+    "n_judged": 30,
+    "seconds": 0.2,
+}
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 16  # served as bytes, never decoded
 
 
@@ -89,6 +113,7 @@ def model_dir(tmp_path: Path) -> Path:
                 "n_labelled": 30,
                 "gate": {"promote": True, "reason": "macro-F1 0.61 vs 0.50"},
                 "evaluation": evaluation,
+                "review": REVIEW,
             },
         },
         report="# Own report\n",
@@ -302,3 +327,38 @@ def test_without_a_ledger_the_overview_says_so(model_dir: Path) -> None:
         assert c.get(f"/ui/projects/{PROJECT}").status_code == 404
         # The JSON health check Label Studio calls stays where it was.
         assert c.get("/").headers["content-type"] == "application/json"
+
+
+def _review_rows(text: str) -> list[str]:
+    found = re.search(r'<div id="review-flags">(.*?)</div>', text, re.S)
+    assert found, "the page has no review table"
+    return re.findall(r"<tr>(.*?)</tr>", found.group(1), re.S)[1:]  # the header row left out
+
+
+def test_the_project_page_lists_the_labels_to_recheck(model_dir: Path, ledger: Ledger) -> None:
+    with _client(model_dir, ledger, LABEL_STUDIO_URL="http://ls.example:8080") as client:
+        text = client.get(f"/ui/projects/{PROJECT}").text
+        status = client.get(f"/status/projects/{PROJECT}").json()
+    assert status["review"] == {"version": OWN_V1, **REVIEW}
+    assert "Labels to re-check" in text and "<strong>12</strong> suspect labels" in text
+    first, second = _review_rows(text)
+    # Most suspect first, each task a link into Label Studio's Data Manager, values escaped.
+    assert '<a href="http://ls.example:8080/projects/5/data?task=31"' in first
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in first and "present" in first
+    assert "0.020" in first
+    assert "?task=7" in second and "absent" in second and "0.910" in second
+    assert f"labelloop review --project {PROJECT}" in text
+
+
+def test_without_a_review_the_page_says_where_the_list_comes_from(
+    model_dir: Path, ledger: Ledger
+) -> None:
+    # No Label Studio URL known: task ids without links. COLD is served the base model, whose
+    # offline version has no review.
+    with _client(model_dir, ledger) as client:
+        own = client.get(f"/ui/projects/{PROJECT}").text
+        cold = client.get(f"/ui/projects/{COLD}").text
+        assert client.get(f"/status/projects/{COLD}").json()["review"] is None
+    assert "<a href" not in "".join(_review_rows(own))
+    assert 'id="review-flags"' not in cold
+    assert "Each fast update lists the annotations its model disagrees with" in cold

@@ -603,3 +603,43 @@ def test_a_second_project_with_another_config_learns_without_touching_the_first(
     assert models.serving(PROJECT) is base_before
     assert sorted(p.name for p in (model_dir / "versions").iterdir()) == files_before
     assert not models.has_lineage(PROJECT)
+
+
+def test_a_fast_update_keeps_the_labels_to_recheck_with_its_version(setup, demo_dataset) -> None:
+    """The fast update reviews every annotation, held-out tasks included, and its version keeps
+    the first flags, most suspect first, for the project's page and /status. (How well the
+    flags find wrong labels is measured in bench/label_review.py and tests/e2e/test_e2e_review.py
+    with real pretrained features; the tiny test backbone's features cannot tell.)"""
+    _, models, ledger, make = setup
+    trainer = make(tolerance=1.0)
+    flipped = set(range(1, 101, 10))  # task ids 1, 11, ..., 91: `bolt` turned over
+    annotations = records(demo_dataset, 100)
+    for record in annotations:
+        if record.task_id in flipped:
+            components = set(record.labels["components"]) ^ {"bolt"}
+            record.labels["components"] = tuple(sorted(components))
+    ledger.upsert(annotations)
+    outcome = trainer.updater.fast(ledger.create_job(PROJECT, "fast", "start_training"))
+
+    review = outcome.metrics["review"]
+    assert outcome.metrics["n_train"] < review["n_judged"] == 100
+    assert review["n_flagged"] > 0
+    assert len(review["flags"]) == min(review["n_flagged"], 50)
+    scores = [f["score"] for f in review["flags"]]
+    assert scores == sorted(scores, reverse=True)
+    annotated = {r.task_id: r.labels for r in annotations}
+    for flag in review["flags"]:
+        # Each flag names the annotation as it is, and a model that leans the other way.
+        assert flag["annotated"] == (flag["label"] in annotated[flag["task_id"]][flag["control"]])
+        assert flag["score"] == pytest.approx(
+            1 - flag["probability"] if flag["annotated"] else flag["probability"], abs=1e-3
+        )
+    stored = models.store(PROJECT).manifest(outcome.candidate_version).metrics["incremental"]
+    assert stored["review"] == review
+
+    # Too few annotations for five folds: no list, and the reason why.
+    ledger.delete([r.annotation_id for r in annotations[8:]], project_id=PROJECT)
+    few = trainer.updater.fast(ledger.create_job(PROJECT, "fast", "start_training"))
+    assert few.metrics["review"]["flags"] == []
+    assert few.metrics["review"]["n_judged"] == 8
+    assert "at least 10 labelled images" in few.metrics["review"]["reason"]

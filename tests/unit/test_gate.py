@@ -7,8 +7,7 @@ import pytest
 from sklearn.metrics import f1_score
 
 from labelloop.loop.gate import decide, macro_f1, predictions_for
-from labelloop.loop.updates import out_of_fold
-from labelloop.ml.head import Head, fit_head, predict_features
+from labelloop.ml.head import Head, fit_head, out_of_fold, predict_features
 
 
 def _labels(n: int, n_classes: int = 3, seed: int = 0) -> np.ndarray:

@@ -29,6 +29,7 @@ from typing import Literal
 
 import numpy as np
 
+from labelloop.labels import LabelSpace
 from labelloop.labelstudio.client import LabelStudioClient
 from labelloop.labelstudio.label_config import (
     ChoicesControl,
@@ -38,10 +39,10 @@ from labelloop.labelstudio.label_config import (
 )
 from labelloop.labelstudio.protocol import ChoicesValue, ResultItem, TaskPrediction
 from labelloop.labelstudio.results import validate_prediction
+from labelloop.loop.examples import label_space_for, targets_of
 from labelloop.loop.ledger import AnnotationLedger, TrainingExample
-from labelloop.loop.updates import label_space_for, out_of_fold, targets_of
 from labelloop.ml.embeddings import EmbeddingCache, embed_images
-from labelloop.ml.head import Head
+from labelloop.ml.head import Head, out_of_fold
 from labelloop.store import ModelBundle
 
 logger = logging.getLogger(__name__)
@@ -58,11 +59,13 @@ __all__ = [
     "REVIEW_PREFIX",
     "Scoring",
     "class_thresholds",
+    "flag_record",
     "format_flags",
     "oof_probabilities",
     "push_review",
     "review",
     "review_predictions",
+    "review_examples",
     "review_project",
     "review_version",
     "suspects",
@@ -294,11 +297,7 @@ def review_project(
     examples = ledger.training_set(project_id)
     if not examples:
         raise NothingToReview(f"project {project_id} has no annotations yet")
-    control_names = [c.name for c in config.controls]
     space = label_space_for(bundle.label_space, config.controls, examples)
-    control_of = _control_of_class(config.controls, examples)
-    # Classes of the model that no control of this project can label are not the project's.
-    columns = [i for i, name in enumerate(space.classes) if name in control_of]
 
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="review-fetch") as pool:
         fetched = list(pool.map(fetch, examples))
@@ -318,14 +317,42 @@ def review_project(
         raise NothingToReview(
             f"none of the {len(examples)} annotated images of project {project_id} could be read"
         )
-    targets = targets_of(space, kept, control_names)[:, columns]
+    return review_examples(
+        config.controls,
+        space,
+        kept,
+        features,
+        folds=folds,
+        scoring=scoring,
+        min_per_class=min_per_class,
+        top=top,
+    )
+
+
+def review_examples(
+    controls: Sequence[ChoicesControl],
+    space: LabelSpace,
+    examples: Sequence[TrainingExample],
+    features: np.ndarray,
+    *,
+    folds: int = DEFAULT_FOLDS,
+    scoring: Scoring = DEFAULT_SCORING,
+    min_per_class: int = MIN_PER_CLASS,
+    top: int | None = None,
+) -> list[Flag]:
+    """Suspect annotations among `examples`, whose backbone features are the rows of
+    `features`, in the project's label space `space`: `review` over the classes some control
+    of the config can label (a class of the model no control offers is not the project's)."""
+    control_of = _control_of_class(controls, examples)
+    columns = [i for i, name in enumerate(space.classes) if name in control_of]
+    targets = targets_of(space, examples, [c.name for c in controls])[:, columns]
     classes = [space.classes[i] for i in columns]
     return review(
         features,
         targets,
         classes,
         [control_of[name] for name in classes],
-        [e.task_id for e in kept],
+        [e.task_id for e in examples],
         folds=folds,
         scoring=scoring,
         min_per_class=min_per_class,
@@ -421,7 +448,7 @@ def _proposed(
                 from_name=control.name,
                 to_name=control.to_name,
                 value=ChoicesValue(choices=choices),
-                meta={"review": [_record(f) for f in mine]} if mine else None,
+                meta={"review": [flag_record(f) for f in mine]} if mine else None,
             )
         )
     return items
@@ -430,13 +457,13 @@ def _proposed(
 def format_flags(flags: Sequence[Flag], fmt: Format = "table") -> str:
     """The flags as an aligned text table (80 columns), a JSON list of objects, or CSV."""
     if fmt == "json":
-        return json.dumps([_record(f) for f in flags], indent=2)
+        return json.dumps([flag_record(f) for f in flags], indent=2)
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=_FIELDS, lineterminator="\n")
         writer.writeheader()
         for flag in flags:
-            writer.writerow({**_record(flag), "annotated": str(flag.annotated).lower()})
+            writer.writerow({**flag_record(flag), "annotated": str(flag.annotated).lower()})
         return buffer.getvalue()
     if fmt == "table":
         return _table(flags)
@@ -527,7 +554,8 @@ def _control_of_class(
     return owner
 
 
-def _record(flag: Flag) -> dict[str, object]:
+def flag_record(flag: Flag) -> dict[str, object]:
+    """A flag as JSON: the `--format json` objects, the page's rows and a version's record."""
     # Four decimals: more would only be the fit's noise.
     return {
         **asdict(flag),

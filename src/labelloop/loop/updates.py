@@ -11,6 +11,7 @@ import csv
 import hashlib
 import logging
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -27,24 +28,25 @@ from labelloop.labels import LabelSpace
 from labelloop.labelstudio.export import load_labelstudio_export
 from labelloop.labelstudio.fetcher import ImageFetcher
 from labelloop.labelstudio.label_config import (
-    ChoicesControl,
     LabelConfig,
     LabelConfigError,
     parse_label_config,
 )
+from labelloop.loop.examples import label_space_for, targets_of
 from labelloop.loop.gate import decide, macro_f1, predictions_for
 from labelloop.loop.jobs import JobKind, JobState
 from labelloop.loop.ledger import AnnotationLedger, Job, TrainingExample
 from labelloop.loop.priority import run_at_lower_priority
+from labelloop.loop.review import NothingToReview, flag_record, review_examples
 from labelloop.ml.data import DataError, Sample, load_metadata
 from labelloop.ml.embeddings import EmbeddingCache, content_key, embed_images, embedding_space
 from labelloop.ml.evaluate import compute_metrics, pr_curve_points
 from labelloop.ml.head import (
-    Head,
     extend_head,
     fit_head,
     head_of,
     model_with_head,
+    out_of_fold,
     predict_features,
 )
 from labelloop.ml.model import build_model, resolve_backbone
@@ -63,6 +65,11 @@ from labelloop.training.core import (
 from labelloop.training.ddp import fine_tune_distributed, processes_for
 
 logger = logging.getLogger(__name__)
+
+
+# How many of a fast update's review flags its version keeps for the project's page: a
+# reviewer's session, not the whole list (`labelloop review` prints every one).
+REVIEW_LISTED = 50
 
 
 class TrainerSettings(BaseModel):
@@ -323,9 +330,39 @@ class Updater:
             "n_labelled": len(examples),
             "threshold_method": "out-of-fold" if oof is not None else "carried",
             "evaluation": evaluation_of(eval_y, candidate_pred, candidate_probs, space.classes),
+            "review": self._review(job, config, space, [e for e, _ in kept], features),
         }
         candidate = model_with_head(base.model, head)
         return self.finish(job, base, candidate, space, thresholds, metrics, decision)
+
+    def _review(
+        self,
+        job: Job,
+        config: LabelConfig,
+        space: LabelSpace,
+        examples: list[TrainingExample],
+        features: np.ndarray,
+    ) -> dict[str, Any]:
+        """The labels to re-check as of this update (loop/review.py, on the features the update
+        has just embedded, held-out tasks included), kept with the version for the project's
+        page: the first REVIEW_LISTED, their total, or why there is no list. It never fails the
+        update: the review is advice, the new version is the point."""
+        started = time.perf_counter()
+        try:
+            flags = review_examples(
+                config.controls, space, examples, features, folds=self.settings.folds
+            )
+        except NothingToReview as exc:
+            return {"flags": [], "n_flagged": 0, "n_judged": len(examples), "reason": str(exc)}
+        except Exception:
+            logger.exception("job %d: the label review failed; the update goes on", job.id)
+            return {"flags": [], "n_flagged": 0, "n_judged": len(examples), "reason": "failed"}
+        return {
+            "flags": [flag_record(f) for f in flags[:REVIEW_LISTED]],
+            "n_flagged": len(flags),
+            "n_judged": len(examples),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
 
     def _annotation_weight(self, n_annotated: int, n_replay: int) -> float:
         """How much one annotation counts against one replayed offline image: up to
@@ -765,36 +802,6 @@ def _recorded_splits(version_dir: Path) -> dict[str, str]:
         return {}
 
 
-def out_of_fold(
-    x: np.ndarray,
-    y: np.ndarray,
-    w: np.ndarray,
-    *,
-    init: Head,
-    pos_weight: np.ndarray,
-    folds: int,
-) -> np.ndarray | None:
-    """Each row predicted by a head fitted without it (k folds, fixed assignment); None when
-    there are too few rows for `folds` folds of at least 2.
-
-    Thresholds tuned on these predictions see every labelled image, not a 20 % validation
-    share: at 200 labels that is 200 rows to tune on instead of 40 (docs/incremental-training.md).
-    """
-    n = len(x)
-    if folds < 2 or n < 2 * folds:
-        return None
-    fold = np.random.default_rng(0).permutation(n) % folds
-    probs = np.zeros(y.shape, dtype=np.float32)
-    for k in range(folds):
-        held = fold == k
-        rest = ~held
-        if not y[rest].any():
-            continue
-        head = fit_head(x[rest], y[rest], init=init, pos_weight=pos_weight, sample_weight=w[rest])
-        probs[held] = predict_features(x[held], head)
-    return probs
-
-
 def evaluation_of(
     y_true: np.ndarray, y_pred: np.ndarray, y_prob: np.ndarray, classes: Sequence[str]
 ) -> dict[str, Any]:
@@ -807,44 +814,3 @@ def evaluation_of(
         "per_class": metrics["per_class"],
         "pr_curves": pr_curve_points(y_true, y_prob, classes) if len(y_true) else {},
     }
-
-
-def targets_of(
-    space: LabelSpace, examples: Sequence[TrainingExample], controls: Sequence[str]
-) -> np.ndarray:
-    known = space.index()
-    return space.binarize(
-        [name for control in controls for name in e.labels.get(control, ()) if name in known]
-        for e in examples
-    )
-
-
-def label_space_for(
-    base: LabelSpace,
-    controls: Sequence[ChoicesControl],
-    examples: Sequence[TrainingExample],
-) -> LabelSpace:
-    """The model's classes plus any new choice of the config or label of the annotations.
-
-    A new name joins the group named like its control when there is one, else the group that
-    already holds most of that control's classes, else a new group named after the control.
-    """
-    known = set(base.classes)
-    group_of = base.group_of()
-    additions: dict[str, list[str]] = {}
-    for control in controls:
-        seen = list(control.choices)
-        for example in examples:
-            seen.extend(n for n in example.labels.get(control.name, ()) if n not in seen)
-        new = [n for n in seen if n not in known]
-        if not new:
-            continue
-        if control.name in base.group_names:
-            group = control.name
-        else:
-            owners = [group_of[c] for c in control.choices if c in group_of]
-            group = max(set(owners), key=owners.count) if owners else control.name
-        bucket = additions.setdefault(group, [])
-        bucket.extend(n for n in new if n not in bucket)
-        known.update(new)
-    return base.extended(additions) if additions else base

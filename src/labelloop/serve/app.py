@@ -534,7 +534,9 @@ def create_app(
             )
         return project_detail(ledger, models, project_id)
 
-    install_page(app, ledger=ledger, models=models)
+    install_page(
+        app, ledger=ledger, models=models, label_studio_url=lambda: fetchers.credentials()[0]
+    )
     return app
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -337,6 +338,57 @@ def _evaluation_section(
     )
 
 
+def _review_section(project_id: int, review: dict[str, Any] | None, ls_url: str | None) -> str:
+    """The served version's labels to re-check, most confident disagreement first, each task a
+    link into Label Studio when its URL is known."""
+    heading = '<h2 id="review">Labels to re-check</h2>'
+    if review is None:
+        return heading + (
+            '<p class="note">Each fast update lists the annotations its model disagrees with; '
+            "the served version was not made by one. <code>labelloop review --project "
+            f"{_e(project_id)}</code> ranks them now.</p>"
+        )
+    flags = review.get("flags") or []
+    if not flags:
+        why = review.get("reason")
+        text = (
+            f"No list: {_e(why)}."
+            if why
+            else "The model agrees with every annotation it can judge "
+            f"({_num(review.get('n_judged'))} tasks)."
+        )
+        return heading + f'<p class="note">{text}</p>'
+    rows = []
+    for rank, flag in enumerate(flags, 1):
+        task = _e(flag.get("task_id"))
+        if ls_url:
+            href = f"{ls_url}/projects/{project_id}/data?task={flag.get('task_id')}"
+            task = f'<a href="{_e(href)}" rel="noreferrer">{task}</a>'
+        rows.append(
+            [
+                _e(rank),
+                task,
+                f"<code>{_e(flag.get('control'))}</code>",
+                f"<code>{_e(flag.get('label'))}</code>",
+                "present" if flag.get("annotated") else "absent",
+                _num(flag.get("probability")),
+            ]
+        )
+    meta = (
+        f'<p class="meta">By <code>{_e(review.get("version"))}</code>: '
+        f"<strong>{_num(review.get('n_flagged'))}</strong> suspect labels among "
+        f"{_num(review.get('n_judged'))} annotated tasks, each judged by a head not trained on "
+        f"it; the first {len(flags)} here. <code>labelloop review --project {_e(project_id)} "
+        "--push</code> shows them in Label Studio (docs/review.md).</p>"
+    )
+    table = _table(
+        ["#", "Task", "Control", "Label", "Annotated", "Model: p(present)"],
+        rows,
+        classes=_nums(0, 1, 5),
+    )
+    return heading + meta + f'<div id="review-flags">{table}</div>'
+
+
 def _jobs_table(jobs: list[dict[str, Any]]) -> str:
     if not jobs:
         return '<p class="note">No job yet: annotations start one.</p>'
@@ -388,7 +440,7 @@ def _history_table(history: list[dict[str, Any]]) -> str:
     return _table(["When", "Now current", "Why"], rows, classes={})
 
 
-def _project_body(detail: dict[str, Any], base_report: bool) -> str:
+def _project_body(detail: dict[str, Any], base_report: bool, ls_url: str | None) -> str:
     pid = detail["id"]
     served = detail["version"]
     counts = detail["counts"]
@@ -430,6 +482,7 @@ def _project_body(detail: dict[str, Any], base_report: bool) -> str:
         head
         + f"<h2>Versions</h2>{gate}"
         + _evaluation_section(pid, served, detail["own_lineage"], detail["evaluation"])
+        + _review_section(pid, detail["review"], ls_url)
         + f"<h2>Last jobs</h2>{_jobs_table(detail['jobs'])}"
         + f"<h2>History of current (promotions, rollbacks)</h2>{_history_table(detail['history'])}"
         + f'<footer>The same data as JSON: <a href="/status/projects/{_e(pid)}">'
@@ -471,8 +524,16 @@ def _chart_data(detail: dict[str, Any]) -> dict[str, Any]:
 # -- routes ----------------------------------------------------------------------------------
 
 
-def install_page(app: FastAPI, *, ledger: AnnotationLedger | None, models: ProjectModels) -> None:
-    """Add the page's routes to `app` (after its dependencies are set: basic auth applies)."""
+def install_page(
+    app: FastAPI,
+    *,
+    ledger: AnnotationLedger | None,
+    models: ProjectModels,
+    label_studio_url: Callable[[], str | None] = lambda: None,
+) -> None:
+    """Add the page's routes to `app` (after its dependencies are set: basic auth applies).
+    `label_studio_url` gives Label Studio's URL as the backend knows it now (the env, else what
+    /setup sent), for links to tasks."""
     base = models.base_store
 
     def known(ledger: AnnotationLedger, project_id: int) -> bool:
@@ -507,7 +568,7 @@ def install_page(app: FastAPI, *, ledger: AnnotationLedger | None, models: Proje
                 "(Settings > Model) first."
             )
         detail = project_detail(ledger, models, pid)
-        body = _project_body(detail, has_report(base, detail["base_version"]))
+        body = _project_body(detail, has_report(base, detail["base_version"]), label_studio_url())
         crumbs = f'<a href="/ui">Projects</a> / Project {_e(pid)}'
         return _document(f"Project {pid}", crumbs, body, data=_chart_data(detail))
 

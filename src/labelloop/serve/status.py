@@ -160,11 +160,20 @@ def evaluation_of(store: ModelStore, version: str) -> dict[str, Any] | None:
     }
 
 
+def review_of(store: ModelStore, version: str) -> dict[str, Any] | None:
+    """The labels to re-check that `version`'s fast update found (loop/updates.py keeps the
+    first ones with the version), or None for a version that has no list (an offline or full
+    update's)."""
+    review = (store.manifest(version).metrics.get("incremental") or {}).get("review")
+    return {"version": version, **review} if isinstance(review, dict) else None
+
+
 def project_detail(
     ledger: AnnotationLedger, models: ProjectModels, project_id: int
 ) -> dict[str, Any]:
     """One project: its versions over time (promoted and rejected), the served version's
-    evaluation, the last jobs and the history of `current` (promotions and rollbacks)."""
+    evaluation and labels to re-check, the last jobs and the history of `current` (promotions
+    and rollbacks)."""
     store = models.store(project_id)
     current = store.current_version()
     base = models.base_store
@@ -175,11 +184,12 @@ def project_detail(
         except StoreError as exc:
             logger.warning("Project %d: version %s is unreadable: %s", project_id, name, exc)
     served = current or base.current_version()
-    evaluation = None
+    evaluation = review = None
     if served is not None:
         owner = store if current else base
         try:
             evaluation = evaluation_of(owner, served)
+            review = review_of(owner, served)
         except StoreError as exc:
             logger.warning("Project %d: cannot read %s: %s", project_id, served, exc)
     jobs = ledger.jobs(project_id=project_id, limit=30)
@@ -192,6 +202,7 @@ def project_detail(
         "trainer": trainer_state(jobs),
         "versions": rows,
         "evaluation": evaluation,
+        "review": review,
         "jobs": [job_summary(j) for j in jobs],
         "history": store.history(),
     }
