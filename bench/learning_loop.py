@@ -87,6 +87,13 @@ def main() -> None:
     parser.add_argument("--no-full", action="store_true", help="fast updates only")
     parser.add_argument("--cache", type=Path, default=None, help="Fashion-MNIST cache folder")
     parser.add_argument("--no-record", action="store_true", help="do not append to docs/")
+    parser.add_argument(
+        "--deadline-min",
+        type=float,
+        default=None,
+        help="stop before the next batch once this many minutes have passed, and record the "
+        "table of what was measured (full updates take minutes each on a busy 2-core machine)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -169,7 +176,14 @@ def main() -> None:
             return f1_of[version]
 
         started_all = time.perf_counter()
+        stopped = None
         for start in range(0, len(names), BATCH):
+            if args.deadline_min is not None and time.perf_counter() - started_all > (
+                args.deadline_min * 60
+            ):
+                stopped = start
+                print(f"deadline: stopping at {start} labels", flush=True)
+                break
             batch = names[start : start + BATCH]
             ledger.upsert(
                 [
@@ -207,9 +221,11 @@ def main() -> None:
             served = served_model.version if served_model else "untrained"
             f1 = score(served) if served_model else 0.0
             steps.append(Step(start + len(batch), served, f1, kinds, time.perf_counter() - t0))
+            worse = sum(1 for c in candidates if c[2] and c[3] < c[4] - 0.01)
             print(
                 f"{start + len(batch):>4} labels  served {served:<24} test macro-F1 {f1:.3f}  "
-                f"{' '.join(kinds):<40} {steps[-1].seconds:6.1f} s",
+                f"{' '.join(kinds):<40} {steps[-1].seconds:6.1f} s  (promoted worse so far: "
+                f"{worse})",
                 flush=True,
             )
         total = time.perf_counter() - started_all
@@ -217,13 +233,13 @@ def main() -> None:
         cache.close()
         ledger.close()
 
-    table = render(args, steps, candidates, total)
+    table = render(args, steps, candidates, total, stopped)
     print("\n" + table)
     if not args.no_record:
         append_section(table)
 
 
-def render(args, steps: list[Step], candidates, total: float) -> str:
+def render(args, steps: list[Step], candidates, total: float, stopped: int | None) -> str:
     at = {s.labels: s for s in steps}
 
     def shown(rows):
@@ -243,11 +259,19 @@ def render(args, steps: list[Step], candidates, total: float) -> str:
             else f", full fine-tune at +{DEFAULTS.full_growth:.0%} and +{DEFAULTS.full_min_new} "
             f"labels, {DEFAULTS.full_epochs} epochs at most"
         )
-        + f"); total {total / 60:.1f} min.\n",
+        + f"); total {total / 60:.1f} min"
+        + (
+            f", stopped by --deadline-min {args.deadline_min:g} at {stopped} of "
+            f"{args.max_labels} labels"
+            if stopped is not None
+            else ""
+        )
+        + ".\n",
         "| labels | served test macro-F1 | jobs after this batch |",
         "|---|---|---|",
     ]
-    for n in (10, 20, 30, 50, 100, 150, 200, 300, 400, 500, 600):
+    last = steps[-1].labels if steps else None
+    for n in sorted({10, 20, 30, 50, 100, 150, 200, 250, 300, 400, 500, 600} | {last or 10}):
         if n in at:
             s = at[n]
             lines.append(f"| {n} | {s.served_f1:.3f} | {' '.join(s.jobs) or '-'} |")
