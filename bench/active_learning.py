@@ -52,9 +52,8 @@ from threadpoolctl import threadpool_limits
 from labelloop.config import PreprocessConfig, TrainConfig
 from labelloop.labels import LabelSpace
 from labelloop.loop.gate import macro_f1
-from labelloop.loop.updates import out_of_fold
 from labelloop.ml.embeddings import EmbeddingCache, embed_images
-from labelloop.ml.head import Head, fit_head, predict_features
+from labelloop.ml.head import Head, fit_head, out_of_fold, predict_features
 from labelloop.ml.model import build_model, resolve_backbone
 from labelloop.ml.selection import (
     DEFAULT_STRATEGY,
@@ -75,7 +74,33 @@ RANDOM = "random"
 # low-budget method the density term borrows from (docs/active-learning.md: why it is not one).
 KCENTER = "k-center"
 TYPICLUST = "typiclust"
-REFERENCES = (KCENTER, TYPICLUST)
+# Candidates tried for issue 18 (references until one meets the bar; `candidate_scores`):
+# multi-label uncertainty over every class (expected wrong labels, summed binary entropy),
+# with and without the density-weighted greedy pass; BADGE (gradient embeddings, k-means++);
+# class-aware weighting; stronger density weighting; density alone.
+EWL = "ewl"
+EWL_DD = "ewl-density-diversity"
+ENTROPY_DD = "entropy-density-diversity"
+EWL_D = "ewl-density"
+MARGIN_D2D = "margin-density2-diversity"
+DENSITY_D = "density-diversity"
+BADGE = "badge"
+BADGE_DENSITY = "badge-density"
+CLASS_DD = "class-ewl-density-diversity"
+PROBCOVER_EWL = "probcover-ewl"
+CANDIDATES = (
+    PROBCOVER_EWL,
+    EWL,
+    EWL_DD,
+    ENTROPY_DD,
+    EWL_D,
+    MARGIN_D2D,
+    DENSITY_D,
+    BADGE,
+    BADGE_DENSITY,
+    CLASS_DD,
+)
+REFERENCES = (KCENTER, TYPICLUST, *CANDIDATES)
 ORDERS = (RANDOM, *STRATEGIES, *REFERENCES)
 REPORT_AT = (50, 100, 200, 300)
 IMAGE_SIZE = 224  # the cold start's (TrainerSettings.cold_start_image_size)
@@ -258,6 +283,18 @@ def pick(
         scores = diversity_priority(x_unl, x_lab, np.ones(len(x_unl)), horizon=args.batch)
     elif order == TYPICLUST:
         scores = typiclust(data, labelled, unlabelled, args.batch, args.typiclust_shuffle)
+    elif order in CANDIDATES:
+        scores = candidate_scores(
+            order,
+            probs,
+            thresholds,
+            x_unl,
+            x_lab,
+            data.y_pool[labelled],
+            data.typical[unlabelled],
+            args.batch,
+            [args.strategy_seed, len(labelled)],
+        )
     else:
         scores = priority_scores(
             probs,
@@ -307,6 +344,153 @@ def typiclust(
     return scores
 
 
+def calibrated(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Probabilities mapped piecewise-linearly so that each class's threshold sits at 0.5
+    (0 -> 0, t -> 0.5, 1 -> 1): `|2q - 1|` is then the per-class margin of
+    `prediction_confidence`, and `min(q, 1 - q)` the chance of being on the wrong side."""
+    t = np.clip(np.asarray(thresholds, dtype=np.float64), 1e-6, 1 - 1e-6)
+    p = np.asarray(probs, dtype=np.float64)
+    q = np.where(p < t, p / (2 * t), 0.5 + (p - t) / (2 * (1 - t)))
+    return np.clip(q, 0.0, 1.0)
+
+
+def expected_wrong(q: np.ndarray, class_weight: np.ndarray | None = None) -> np.ndarray:
+    """Expected share of wrong labels per item in [0, 1]: sum_c w_c min(q, 1 - q) / (sum w / 2)."""
+    wrong = np.minimum(q, 1.0 - q)
+    w = np.ones(q.shape[1]) if class_weight is None else class_weight
+    return np.clip((wrong @ w) / (w.sum() / 2.0), 0.0, 1.0)
+
+
+def summed_entropy(q: np.ndarray) -> np.ndarray:
+    """Mean binary entropy (bits) of the calibrated probabilities, in [0, 1]."""
+    r = np.clip(q, 1e-12, 1 - 1e-12)
+    h = -(r * np.log2(r) + (1 - r) * np.log2(1 - r))
+    return np.clip(h.mean(axis=1), 0.0, 1.0)
+
+
+def ranked(first: np.ndarray, n: int, tail: np.ndarray) -> np.ndarray:
+    """Scores with `first` (item indices, in order) ahead of everything, then `tail` order."""
+    k = len(first)
+    h = k / n
+    scores = h + (1.0 - h) * np.clip(tail, 0.0, 1.0)
+    scores[np.asarray(first, dtype=int)] = np.arange(k) / n
+    return scores
+
+
+def badge_order(
+    q: np.ndarray,
+    x: np.ndarray,
+    k: int,
+    rng: np.random.Generator | None,
+    weight: np.ndarray | None = None,
+) -> np.ndarray:
+    """BADGE's batch (Ash et al., 2020) for a sigmoid head: k-means++ seeding over the
+    gradient embeddings of the binary cross-entropy w.r.t. the head's weights with the head's
+    own hard predictions as labels, g_i = (q_i - yhat_i) (x) x_i (C x d). Never formed:
+    <g_i, g_j> = <r_i, r_j> <x_i, x_j>. First centre: the largest norm; then D^2 sampling
+    (`rng`), or, with `rng` None, the argmax of `weight` * D^2 (deterministic)."""
+    r = q - (q >= 0.5)
+    xx = x.astype(np.float64)
+    norms = (r * r).sum(axis=1) * (xx * xx).sum(axis=1)
+    w = np.ones(len(x)) if weight is None else weight
+    first = int(np.argmax(norms * w))
+    chosen = [first]
+    d2 = np.full(len(x), np.inf)
+    for _ in range(1, min(k, len(x))):
+        c = chosen[-1]
+        dist = norms + norms[c] - 2.0 * (r @ r[c]) * (xx @ xx[c])
+        np.minimum(d2, np.maximum(dist, 0.0), out=d2)
+        d2[chosen] = 0.0
+        if rng is None:
+            c = int(np.argmax(w * d2))
+        else:
+            total = d2.sum()
+            c = int(rng.choice(len(x), p=d2 / total)) if total > 0 else int(np.argmax(w))
+        chosen.append(c)
+    return np.asarray(chosen)
+
+
+def probcover_ewl(
+    x_unl: np.ndarray, x_lab: np.ndarray, ewl: np.ndarray, typical: np.ndarray, k: int
+) -> np.ndarray:
+    """ProbCover (Yehuda et al., 2022), deterministic greedy max coverage of delta-balls, with
+    each covered item counted by its expected wrong labels: pick the unlabelled item whose ball
+    holds the most uncertainty not yet in a labelled or picked item's ball. delta: the median
+    distance to the 20th nearest neighbour (typicality's neighbourhood). With nothing left to
+    cover, the remaining picks go by ewl * typicality."""
+    xu = x_unl / np.linalg.norm(x_unl, axis=1, keepdims=True)
+    xl = x_lab / np.linalg.norm(x_lab, axis=1, keepdims=True)
+    d_uu = np.clip((1.0 - xu @ xu.T) / 2.0, 0.0, 1.0)
+    kth = np.partition(d_uu + np.eye(len(xu)) * 9, 19, axis=1)[:, 19]
+    delta = float(np.median(kth))
+    ball = d_uu < delta  # includes the item itself
+    covered = (np.clip((1.0 - xu @ xl.T) / 2.0, 0.0, 1.0) < delta).any(axis=1)
+    picks: list[int] = []
+    for _ in range(min(k, len(xu))):
+        gain = ball[:, ~covered].astype(np.float64) @ ewl[~covered]
+        gain[picks] = -1.0
+        if gain.max() <= 0:
+            w = ewl * typical
+            w[picks] = -1.0
+            c = int(np.argmax(w))
+        else:
+            c = int(np.argmax(gain))
+        picks.append(c)
+        covered |= ball[c]
+    return ranked(np.asarray(picks), len(xu), 1.0 - ewl)
+
+
+def candidate_scores(
+    order: str,
+    probs: np.ndarray,
+    thresholds: np.ndarray,
+    x_unl: np.ndarray,
+    x_lab: np.ndarray,
+    y_lab: np.ndarray,
+    typical: np.ndarray,
+    batch: int,
+    seed: list[int],
+) -> np.ndarray:
+    """Scores (lower = label first) of the candidate orders (module constants)."""
+    n = len(x_unl)
+    q = calibrated(probs, thresholds)
+    ewl = expected_wrong(q)
+    margin = 1.0 - 2.0 * np.minimum(q, 1.0 - q).max(axis=1)  # = prediction_confidence
+    if order == EWL:
+        return 1.0 - ewl
+    if order == EWL_D:
+        return 1.0 - ewl * typical
+    if order == EWL_DD:
+        return diversity_priority(x_unl, x_lab, ewl * typical, horizon=batch, margins=1.0 - ewl)
+    if order == ENTROPY_DD:
+        h = summed_entropy(q)
+        return diversity_priority(x_unl, x_lab, h * typical, horizon=batch, margins=1.0 - h)
+    if order == MARGIN_D2D:
+        u = np.clip(1.0 - margin, 0.0, 1.0)
+        return diversity_priority(x_unl, x_lab, u * typical**2, horizon=batch, margins=margin)
+    if order == DENSITY_D:
+        return diversity_priority(x_unl, x_lab, typical, horizon=batch, margins=1.0 - ewl)
+    if order == CLASS_DD:
+        # Classes with few labelled examples on their rarer side weigh more: 1 / sqrt(1 + n).
+        pos = y_lab.sum(axis=0)
+        rare = np.minimum(pos, len(y_lab) - pos)
+        w = 1.0 / np.sqrt(1.0 + rare)
+        # ... and so do items predicted positive for a class with few labelled positives.
+        positive = (q >= 0.5) @ (1.0 / np.sqrt(1.0 + pos))
+        u = expected_wrong(q, w) * (1.0 + positive / max(positive.max(), 1e-12))
+        u = u / max(u.max(), 1e-12)
+        return diversity_priority(x_unl, x_lab, u * typical, horizon=batch, margins=1.0 - u)
+    if order == PROBCOVER_EWL:
+        return probcover_ewl(x_unl, x_lab, ewl, typical, batch)
+    if order == BADGE:
+        picks = badge_order(q, x_unl, batch, np.random.default_rng(seed))
+        return ranked(picks, n, 1.0 - ewl)
+    if order == BADGE_DENSITY:
+        picks = badge_order(q, x_unl, batch, None, weight=typical)
+        return ranked(picks, n, 1.0 - ewl)
+    raise ValueError(order)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-pool", type=int, default=2000, help="unlabelled pool (train)")
@@ -323,6 +507,13 @@ def main() -> None:
         "--typiclust-shuffle",
         action="store_true",
         help="the typiclust reference clusters the pool in a new random order each round",
+    )
+    parser.add_argument(
+        "--strategy-seed",
+        type=int,
+        default=0,
+        help="seed of the randomised candidates (badge's k-means++ sampling), to show what "
+        "their result owes to it",
     )
     parser.add_argument(
         "--threads",

@@ -171,13 +171,14 @@ def suspects(
     scoring: Scoring = DEFAULT_SCORING,
     min_per_class: int = MIN_PER_CLASS,
     top: int | None = None,
+    skipped_level: int = logging.WARNING,
 ) -> list[Flag]:
     """The confident-learning suspects among out-of-fold `probs`, best first.
 
     `classes[c]` is column c's label and `controls[c]` the Label Studio control it belongs
     to. A class with fewer than `min_per_class` images labelled with it, or without it, is
-    skipped with a warning (it cannot be told from a class not learnt yet); NothingToReview
-    when every class is skipped.
+    skipped and logged at `skipped_level` (it cannot be told from a class not learnt yet);
+    NothingToReview when every class is skipped.
     """
     p, y = _check_probs(probs, targets)
     n, n_classes = y.shape
@@ -192,7 +193,8 @@ def suspects(
         if not reviewed[c]
     ]
     if skipped:
-        logger.warning(
+        logger.log(
+            skipped_level,
             "Label review skips %s: fewer than %d images labelled with or without them",
             ", ".join(skipped),
             min_per_class,
@@ -244,6 +246,7 @@ def review(
     scoring: Scoring = DEFAULT_SCORING,
     min_per_class: int = MIN_PER_CLASS,
     top: int | None = None,
+    skipped_level: int = logging.WARNING,
 ) -> list[Flag]:
     """Suspect annotations of `features` (n, d) labelled `targets` (n, C of 0/1), best first:
     `oof_probabilities`, then `suspects`."""
@@ -259,6 +262,7 @@ def review(
         scoring=scoring,
         min_per_class=min_per_class,
         top=top,
+        skipped_level=skipped_level,
     )
 
 
@@ -339,10 +343,13 @@ def review_examples(
     scoring: Scoring = DEFAULT_SCORING,
     min_per_class: int = MIN_PER_CLASS,
     top: int | None = None,
+    skipped_level: int = logging.WARNING,
 ) -> list[Flag]:
     """Suspect annotations among `examples`, whose backbone features are the rows of
     `features`, in the project's label space `space`: `review` over the classes some control
-    of the config can label (a class of the model no control offers is not the project's)."""
+    of the config can label (a class of the model no control offers is not the project's).
+    The fast update passes `skipped_level` INFO: until a class has enough labels, every update
+    would warn about it again."""
     control_of = _control_of_class(controls, examples)
     columns = [i for i, name in enumerate(space.classes) if name in control_of]
     targets = targets_of(space, examples, [c.name for c in controls])[:, columns]
@@ -357,6 +364,7 @@ def review_examples(
         scoring=scoring,
         min_per_class=min_per_class,
         top=top,
+        skipped_level=skipped_level,
     )
 
 

@@ -350,7 +350,12 @@ class Updater:
         started = time.perf_counter()
         try:
             flags = review_examples(
-                config.controls, space, examples, features, folds=self.settings.folds
+                config.controls,
+                space,
+                examples,
+                features,
+                folds=self.settings.folds,
+                skipped_level=logging.INFO,
             )
         except NothingToReview as exc:
             return {"flags": [], "n_flagged": 0, "n_judged": len(examples), "reason": str(exc)}
