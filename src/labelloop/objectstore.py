@@ -64,6 +64,12 @@ from labelloop.store import (
 
 logger = logging.getLogger(__name__)
 
+# A torn upload's name has to be this old before a sweep deletes its objects: a writer
+# uploading a version takes seconds to minutes, never an hour.
+TORN_AFTER_S = 3600.0
+# What a swept torn upload keeps (an empty object): its number stays taken.
+TORN_MARKER = ".torn"
+
 HISTORY_DIR = "history"
 PROJECTS_DIR = "projects"  # the same name as lineages.PROJECTS_DIR, which sits above this layer
 
@@ -635,7 +641,42 @@ class MirroredStore(ModelStore):
         logger.info("Uploaded %s to %s", version, self.remote_url)
         if make_current:
             self.set_current(version)
+        try:
+            self.sweep_torn()
+        except StoreError as exc:  # housekeeping: the version is published either way
+            logger.warning("Could not sweep torn uploads in %s: %s", self.remote_url, exc)
         return final
+
+    def sweep_torn(
+        self, *, older_than_s: float = TORN_AFTER_S, now: datetime | None = None
+    ) -> list[str]:
+        """Delete the objects of torn uploads (a version folder without a manifest: its writer
+        died mid-upload) whose name is more than `older_than_s` old, and leave a marker in
+        each, so that its number is never handed out again (`next_version_name`). Returns the
+        versions swept. Each publish calls it; a sweep that fails is only logged there."""
+        cutoff = (now or datetime.now(UTC)).timestamp() - older_than_s
+        swept = []
+        for version, files in self._remote_version_files().items():
+            if MANIFEST_FILE in files or files <= {TORN_MARKER}:
+                continue
+            match = _VERSION_RE.match(version)
+            assert match is not None  # _remote_version_files lists only version names
+            stamp = datetime.strptime(match.group(2), "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+            if stamp.timestamp() > cutoff:
+                continue  # perhaps still being uploaded
+            folder = self._remote_path(VERSIONS_DIR, version)
+            # The marker first: the folder never looks empty, so the number stays taken.
+            self._call(f"mark {version} torn", self.fs.pipe_file, f"{folder}/{TORN_MARKER}", b"")
+            for name in sorted(files - {TORN_MARKER}):
+                self._call_or_none(f"delete {version}/{name}", self.fs.rm_file, f"{folder}/{name}")
+            logger.info(
+                "Swept torn upload %s from %s (%d objects; its writer never finished it)",
+                version,
+                self.remote_url,
+                len(files - {TORN_MARKER}),
+            )
+            swept.append(version)
+        return swept
 
     def _upload(self, version: str, folder: Path) -> None:
         files = sorted(

@@ -80,7 +80,7 @@ def test_a_corrupted_remote_file_is_refused_and_the_last_good_version_served(
     assert replica.load_current().version == good
 
 
-def test_an_incomplete_remote_version_is_invisible(
+def test_an_incomplete_remote_version_is_invisible_then_swept(
     s3_server: Any, s3_url: str, tmp_path: Path
 ) -> None:
     writer = MirroredStore(tmp_path / "writer", s3_url)
@@ -93,6 +93,12 @@ def test_an_incomplete_remote_version_is_invisible(
         reader.set_current(torn)
     assert reader.refresh() == good
     assert reader.next_version_name().startswith("v3-")
+    # The next publish sweeps it (its name is years old): its objects go, a marker keeps the
+    # number taken.
+    assert publish_version(writer).startswith("v3-")
+    left = s3_server.client().find(_key(s3_url, "versions", torn))
+    assert [key.rsplit("/", 1)[-1] for key in left] == [".torn"]
+    assert reader.next_version_name().startswith("v4-")
 
 
 def test_two_writers_with_an_allocator_get_distinct_increasing_numbers(

@@ -10,6 +10,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +281,35 @@ def test_a_torn_upload_is_invisible(tmp_path: Path, fs: ScriptedMemory, url: str
         replica.version_dir(torn)
     assert replica.next_version_name().startswith("v3-")  # its number is not handed out again
     assert replica.refresh() == good
+
+
+def test_torn_uploads_an_hour_old_are_swept_and_their_numbers_stay_taken(
+    tmp_path: Path, fs: ScriptedMemory, url: str
+) -> None:
+    writer = _store(tmp_path / "writer", url, fs)
+    good = publish_version(writer)
+    root = fs._strip_protocol(url)
+    old, recent = "v2-20240101T000000", "v3-20240101T005959"
+    for torn in (old, recent):  # writers killed before the manifest
+        fs.pipe_file(f"{root}/versions/{torn}/model.pth", b"half of it")
+        fs.pipe_file(f"{root}/versions/{torn}/classes.json", b"{}")
+    now = datetime(2024, 1, 1, 1, 0, 30, tzinfo=UTC)
+
+    assert writer.sweep_torn(now=now) == [old]
+    assert fs.find(f"{root}/versions/{old}") == [f"{root}/versions/{old}/.torn"]
+    # Thirty seconds short of an hour: perhaps still uploading, left alone.
+    assert len(fs.find(f"{root}/versions/{recent}")) == 2
+    assert writer.sweep_torn(now=now) == []  # a swept upload is not swept again
+    assert writer.versions() == [good]
+    assert writer.next_version_name().startswith("v4-")
+    with pytest.raises(StoreError, match="never finished"):
+        writer.set_current(old)
+
+    # Each publish sweeps (with the real clock, both torn uploads are old by now).
+    published = publish_version(writer)
+    assert published.startswith("v4-")
+    assert fs.find(f"{root}/versions/{recent}") == [f"{root}/versions/{recent}/.torn"]
+    assert writer.next_version_name().startswith("v5-")
 
 
 def test_a_pruned_version_cannot_become_current(
