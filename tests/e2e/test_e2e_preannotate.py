@@ -149,6 +149,17 @@ def lowest_scored(project, n: int) -> list[str]:
     return [name[task] for _, task in scored[:n]]
 
 
+def stored_scores(project) -> dict[int, float]:
+    """Task -> the score of its prediction of the current version, as Label Studio keeps it."""
+    client, pid = project["client"], project["id"]
+    version = ModelStore(project["model_dir"]).current_version()
+    return {
+        p["task"]: p["score"]
+        for p in client.predictions(project_id=pid)
+        if p["model_version"] == version
+    }
+
+
 def test_the_whole_pool_is_scored_in_labelling_order(fresh) -> None:
     """The module's 240 tasks are 120 images twice. Ordered by margin, the two copies of an
     image score the same, so the first 100 places of the Data Manager's queue hold about 50
@@ -159,11 +170,20 @@ def test_the_whole_pool_is_scored_in_labelling_order(fresh) -> None:
     assert "scores: margin" in project["last_output"]
     by_margin = lowest_scored(project, 100)
     assert len(set(by_margin)) <= 60, Counter(by_margin).most_common(3)
+    margins = stored_scores(project)
 
     assert run(project, "--all") == (240, 0)
     assert "scores: margin-density-diversity" in project["last_output"]
     ordered = lowest_scored(project, 100)
     assert len(set(ordered)) == 100, Counter(ordered).most_common(3)
+    # The predictions were pushed with their margins as they were made; then only the 100
+    # planned places changed, to -1 + j / 100, below every margin.
+    scores = stored_scores(project)
+    planned = sorted(score for score in scores.values() if score < 0)
+    assert planned == pytest.approx([-1 + j / 100 for j in range(100)], abs=1e-6)
+    assert {t: s for t, s in scores.items() if s >= 0} == {
+        t: margins[t] for t, s in scores.items() if s >= 0
+    }
 
     # A run over part of the pool cannot rank it: its scores are margins, and it says so.
     client, pid = project["client"], project["id"]

@@ -105,6 +105,19 @@ def test_a_task_without_its_image_keeps_its_margin_after_the_planned_places() ->
     assert np.sort(scores)[:4].max() < scores[-1]  # after every planned place
 
 
+def test_the_planned_places_sort_before_every_margin_in_the_order_of_the_scores() -> None:
+    pool = [*POOL, PoolTask(50, "gone", margin=0.0)]  # unreadable: never planned
+    order = LabellingOrder(strategy="margin-diversity", horizon=4)
+    scores = order.scores(_model(), Fetcher(IMAGES), pool, [])  # type: ignore[arg-type]
+    planned = order.planned(_model(), Fetcher(IMAGES), pool, [])  # type: ignore[arg-type]
+    # The four tasks the scores put first, in that order, at -1, -0.75, -0.5, -0.25: below
+    # every margin (>= 0, the unreadable task's 0 included), which the other tasks keep.
+    first = [pool[i].id for i in np.argsort(scores, kind="stable")[:4]]
+    assert list(planned) == first and 50 not in planned
+    assert list(planned.values()) == [-1.0, -0.75, -0.5, -0.25]
+    assert LabellingOrder(strategy="margin").planned(_model(), Fetcher(IMAGES), pool, []) == {}  # type: ignore[arg-type]
+
+
 def test_the_pool_is_embedded_once_per_backbone(tmp_path, monkeypatch) -> None:
     from labelloop.ml import embeddings
 

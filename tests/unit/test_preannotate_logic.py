@@ -9,6 +9,7 @@ slow, as they are in a big project.
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -173,7 +174,6 @@ def test_a_setup_never_cancels_a_running_refresh(monkeypatch) -> None:
     """Label Studio sends /setup before every batch of predictions; the rename it asks for
     must not cancel the refresh a promotion started (which renames the entry itself)."""
     import threading
-    from types import SimpleNamespace
 
     import labelloop.loop.preannotate as module
 
@@ -214,7 +214,7 @@ def test_a_setup_never_cancels_a_running_refresh(monkeypatch) -> None:
 
 
 class FakeOrder:
-    """A labelling order whose ranking is fixed, or fails, or sees the run cancelled."""
+    """A labelling order whose plan is fixed, or fails, or sees the run cancelled."""
 
     strategy = "margin-diversity"
     needs_pool = True
@@ -222,43 +222,51 @@ class FakeOrder:
     def __init__(self, outcome: str, cancel: threading.Event | None = None) -> None:
         self.outcome = outcome
         self.cancel = cancel
-        self.seen: list[tuple[list[int], list[int]]] = []
+        self.seen: list[tuple[list[tuple[int, float]], list[int]]] = []
 
-    def scores(self, model, fetcher, unlabelled, labelled, *, cancel=None):
-        self.seen.append(([t.id for t in unlabelled], [t.id for t in labelled]))
+    def planned(self, model, fetcher, unlabelled, labelled, *, cancel=None):
+        self.seen.append(([(t.id, t.margin) for t in unlabelled], [t.id for t in labelled]))
         if self.outcome == "fails":
             raise RuntimeError("embedding cache on fire")
         if self.outcome == "cancelled" and self.cancel is not None:
             self.cancel.set()
-        return [0.9 - 0.1 * i for i in range(len(unlabelled))]
+        return {5: -1.0, 1: -0.5}  # task 5 first, then task 1; task 3 keeps its margin
 
 
-@pytest.mark.parametrize("outcome", ["ranked", "fails", "cancelled"])
-def test_ranking_sets_the_scores_or_keeps_the_margins(outcome: str, monkeypatch) -> None:
-    from labelloop.labelstudio.protocol import Task
+class PlanClient:
+    """Label Studio's stored predictions (this run's version and an older one) and the score
+    changes it is sent."""
+
+    def __init__(self) -> None:
+        self.patched: list[tuple[int, float]] = []
+
+    def predictions(self, *, project_id: int) -> list[dict[str, Any]]:
+        return [{"id": 100 + task, "task": task, "model_version": "v1"} for task in (1, 3, 5)] + [
+            {"id": 200, "task": 5, "model_version": "v0"}
+        ]
+
+    def set_prediction_score(self, prediction_id: int, score: float) -> None:
+        self.patched.append((prediction_id, score))
+
+
+@pytest.mark.parametrize("outcome", ["planned", "fails", "cancelled"])
+def test_the_plan_changes_only_the_planned_scores_or_none(outcome: str) -> None:
     from labelloop.loop import preannotate as module
+    from labelloop.loop.ordering import PoolTask
 
-    monkeypatch.setattr(module, "resolve_config", lambda xml, classes: (None, _Mapping("image")))
     cancel = threading.Event()
     order = FakeOrder(outcome, cancel)
-    held = [
-        (Task(id=i, data={"image": f"/data/{i}.png"}), {"task": i, "score": 0.5, "result": []})
-        for i in (1, 3, 5)
-    ]
+    client = PlanClient()
+    pool = [PoolTask(i, f"/data/{i}.png", 0.1 * i) for i in (1, 3, 5)]
     work = module.Work(tasks=[], skipped=0, labelled=[{"id": 2, "data": {"image": "/data/2.png"}}])
     summary = module.PreannotateSummary("v1")
-    model = type("M", (), {"classes": ["bolt"]})()
-    module._rank(order, held, work, "<View/>", model, None, cancel, summary)  # type: ignore[arg-type]
-    assert order.seen == [([1, 3, 5], [2])]
-    scores = [item["score"] for _, item in held]
-    if outcome == "ranked":
-        assert scores == pytest.approx([0.9, 0.8, 0.7]) and summary.scores == "margin-diversity"
-    else:  # the predictions keep their margins, and the summary says so
-        assert scores == [0.5, 0.5, 0.5] and summary.scores == "margin"
+    model = SimpleNamespace(version="v1")
+    module._plan(order, pool, work, "image", model, None, client, 9, cancel, summary)  # type: ignore[arg-type]
+    assert order.seen == [([(1, 0.1), (3, pytest.approx(0.3)), (5, 0.5)], [2])]
+    if outcome == "planned":
+        # This version's predictions of the planned tasks only; the older version's untouched.
+        assert client.patched == [(101, -0.5), (105, -1.0)]
+        assert summary.scores == "margin-diversity"
+    else:  # the pushed margins stay, and the summary says so
+        assert client.patched == [] and summary.scores == "margin"
     assert summary.cancelled is (outcome == "cancelled")
-
-
-class _Mapping:
-    def __init__(self, key: str) -> None:
-        control = type("C", (), {"image_key": key})()
-        self.bindings = [type("B", (), {"control": control})()]

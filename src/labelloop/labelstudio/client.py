@@ -350,6 +350,10 @@ class LabelStudioClient:
             return list(reply["results"])
         return list(reply)
 
+    def set_prediction_score(self, prediction_id: int, score: float) -> None:
+        """Change only the score of a stored prediction (what the Data Manager sorts by)."""
+        self._request("PATCH", f"/api/predictions/{prediction_id}/", json={"score": score})
+
     def delete_prediction(self, prediction_id: int) -> None:
         self._request("DELETE", f"/api/predictions/{prediction_id}/")
 

@@ -7,7 +7,9 @@ score of a task depends on the whole unlabelled pool (its pick order), so it is 
 pre-annotation run has predicted every unlabelled task of the project (the refresh after each
 promotion does), from the served model's backbone embeddings of the pool and of the labelled
 tasks. The embeddings come from the project's `EmbeddingCache`: a fast update keeps the
-backbone, so after the first refresh of a backbone they are read, not computed.
+backbone, so after the first refresh of a backbone they are read, not computed. Past the
+planned places the order is margin order, so a run pushes margins as it predicts and then
+changes only the planned places' scores (`planned`).
 """
 
 from __future__ import annotations
@@ -78,9 +80,38 @@ class LabellingOrder:
         every unplanned task is; a labelled task whose image cannot be had is left out of the
         distances.
         """
+        return self._scores(model, fetcher, unlabelled, labelled, cancel)[0]
+
+    def planned(
+        self,
+        model: LoadedModel,
+        fetcher: ImageFetcher,
+        unlabelled: Sequence[PoolTask],
+        labelled: Sequence[PoolTask],
+        *,
+        cancel: threading.Event | None = None,
+    ) -> dict[int, float]:
+        """The places the strategy plans, as the scores Label Studio is given for them: task
+        id -> -1 + j / k for the j-th of the k planned tasks, so that they sort before every
+        margin (>= 0), in order. Every other task keeps its margin, which already sorts it
+        where `scores` puts it (the tail is in margin order), so a run that pushed margins as
+        it went changes only these `horizon` scores afterwards."""
+        scores, k = self._scores(model, fetcher, unlabelled, labelled, cancel)
+        first = np.argsort(scores, kind="stable")[:k]
+        return {unlabelled[int(i)].id: round(-1.0 + j / k, 6) for j, i in enumerate(first)}
+
+    def _scores(
+        self,
+        model: LoadedModel,
+        fetcher: ImageFetcher,
+        unlabelled: Sequence[PoolTask],
+        labelled: Sequence[PoolTask],
+        cancel: threading.Event | None,
+    ) -> tuple[np.ndarray, int]:
+        """`scores`, and how many places they plan (those score below every other)."""
         margins = np.clip(np.array([t.margin for t in unlabelled], dtype=np.float64), 0.0, 1.0)
         if not self.needs_pool or not unlabelled:
-            return margins
+            return margins, 0
         started = time.perf_counter()
         pool, pool_rows = self._embed(model, fetcher, unlabelled, cancel)
         known, _ = self._embed(model, fetcher, labelled, cancel)
@@ -104,7 +135,7 @@ class LabellingOrder:
             len(known),
             time.perf_counter() - started,
         )
-        return scores
+        return scores, horizon if n else 0
 
     def _embed(
         self,

@@ -155,10 +155,10 @@ def preannotate(
 ) -> PreannotateSummary:
     """Predict the project's tasks with `model` and push the predictions in bulk.
 
-    With an `order` whose scores rank the pool, a run that predicts every unlabelled task
-    pushes the labelling priority as the unlabelled tasks' score (loop.ordering): the
-    predictions are then held until the pool is predicted and ranked, and pushed afterwards.
-    Any other run pushes the served margins as it goes.
+    Predictions are pushed as they are made, with the served margins as their scores. With an
+    `order` whose scores rank the pool, a run that predicts every unlabelled task then ranks
+    it (loop.ordering) and gives the tasks the order plans their places: scores below every
+    margin, so that Label Studio's ascending *Prediction score* shows them first, in order.
     """
     started = time.perf_counter()
     project = client.get_project(project_id)
@@ -192,7 +192,8 @@ def preannotate(
             project_id,
             order.strategy,
         )
-    held: list[tuple[Task, dict[str, Any]]] = []
+    image_key = _image_key(project["label_config"], model) if ranked else None
+    pool: list[PoolTask] = []
     with _Pusher(client, project_id) as pusher:
         for start, end in _steps(len(tasks), batch_size, first=predictor.batch_size * 2):
             if cancel is not None and cancel.is_set():
@@ -207,28 +208,27 @@ def preannotate(
                 for task, result in zip(chunk, results, strict=True)
                 if isinstance(result, TaskPrediction)
             ]
-            if ranked:
-                by_id = {task.id: task for task in chunk}
-                held.extend((by_id[item["task"]], item) for item in payload)
-            else:
-                stale = [pid for item in payload for pid in work.replaced.get(item["task"], [])]
-                pusher.add(payload, stale)
+            stale = [pid for item in payload for pid in work.replaced.get(item["task"], [])]
+            pusher.add(payload, stale)
+            if image_key is not None:
+                data = {task.id: task.data for task in chunk}
+                pool.extend(
+                    PoolTask(
+                        item["task"], str(data[item["task"]].get(image_key, "")), item["score"]
+                    )
+                    for item in payload
+                )
             summary.predicted += len(payload)
             if progress is not None:
                 progress(end, len(tasks))
-        if held:
-            assert order is not None
-            if not summary.cancelled:
-                _rank(order, held, work, project["label_config"], model, fetcher, cancel, summary)
-            for start in range(0, len(held), batch_size):
-                payload = [item for _, item in held[start : start + batch_size]]
-                stale = [pid for item in payload for pid in work.replaced.get(item["task"], [])]
-                pusher.add(payload, stale)
         # Also after a cancel: what was predicted is stored. A failed push fails the run; what
         # was pushed before it stays.
         pusher.finish()
         summary.pushes = pusher.pushes
         summary.first_stored_at = pusher.first_stored_at
+    if pool and image_key is not None and not summary.cancelled:
+        assert order is not None
+        _plan(order, pool, work, image_key, model, fetcher, client, project_id, cancel, summary)
     if restore_live_version and summary.predicted:
         client.update_project(project_id, model_version=model.version)
     summary.seconds = time.perf_counter() - started
@@ -245,45 +245,65 @@ def preannotate(
     return summary
 
 
-def _rank(
+def _image_key(label_config: str, model: LoadedModel) -> str | None:
+    """The task data key of the image the model reads, or None when it cannot be told (the
+    order is then left out: margins are pushed, as by any run over part of the pool)."""
+    try:
+        _, mapping = resolve_config(label_config, model.classes)
+        return mapping.bindings[0].control.image_key
+    except Exception:  # noqa: BLE001 - an order is a bonus; the predictions must still land
+        logger.exception("Cannot tell the image of the label config; pushing margins")
+        return None
+
+
+def _plan(
     order: LabellingOrder,
-    held: list[tuple[Task, dict[str, Any]]],
+    pool: list[PoolTask],
     work: Work,
-    label_config: str,
+    image_key: str,
     model: LoadedModel,
     fetcher: ImageFetcher,
+    client: LabelStudioClient,
+    project_id: int,
     cancel: threading.Event | None,
     summary: PreannotateSummary,
 ) -> None:
-    """Replace the held predictions' margins by the labelling priority of the pool. A failure
-    keeps the margins: the predictions are pushed either way."""
+    """Give the `horizon` tasks the labelling order plans their places, once the pool's
+    predictions are stored with their margins: only those scores change (loop.ordering
+    `planned`: -1 + j / k, before every margin). A failure leaves the margins, which are a
+    sound order of their own."""
     started = time.perf_counter()
+    labelled = [
+        PoolTask(int(t["id"]), str(t["data"][image_key]))
+        for t in work.labelled
+        if isinstance(t["data"].get(image_key), str)
+    ]
     try:
-        _, mapping = resolve_config(label_config, model.classes)
-        image_key = mapping.bindings[0].control.image_key
-        unlabelled = [
-            PoolTask(task.id, str(task.data.get(image_key, "")), float(item["score"]))
-            for task, item in held
+        planned = order.planned(model, fetcher, pool, labelled, cancel=cancel)
+        if cancel is not None and cancel.is_set():
+            # Cancelled while ranking: images skipped since then would sit in the tail as if
+            # unreadable. The margins stay.
+            summary.cancelled = True
+            return
+        stored = [
+            (int(p["id"]), planned[int(p["task"])])
+            for p in client.predictions(project_id=project_id)
+            if p.get("model_version") == model.version and int(p["task"]) in planned
         ]
-        labelled = [
-            PoolTask(int(t["id"]), str(t["data"][image_key]))
-            for t in work.labelled
-            if isinstance(t["data"].get(image_key), str)
-        ]
-        scores = order.scores(model, fetcher, unlabelled, labelled, cancel=cancel)
-    except Exception:  # noqa: BLE001 - an order is a bonus; the predictions must still land
-        logger.exception("Labelling order of %d tasks failed; pushing margins", len(held))
+        for prediction_id, score in stored:
+            client.set_prediction_score(prediction_id, score)
+    except Exception:  # noqa: BLE001 - an order is a bonus; the predictions have landed
+        logger.exception("Labelling order of %d tasks failed; their margins stay", len(pool))
         return
-    if cancel is not None and cancel.is_set():
-        # Cancelled while ranking: images skipped since then would sit in the tail as if
-        # unreadable. The run's predictions still land, with their margins.
-        summary.cancelled = True
-        return
-    for (_, item), score in zip(held, scores, strict=True):
-        # Finer than the served margins: pick j of N scores j / N.
-        item["score"] = round(float(score), 6)
     summary.scores = order.strategy
     summary.order_seconds = time.perf_counter() - started
+    logger.info(
+        "Project %d: %d planned places of the labelling order (%s) set in %.1f s",
+        project_id,
+        len(stored),
+        order.strategy,
+        summary.order_seconds,
+    )
 
 
 def _steps(n: int, size: int, *, first: int) -> list[tuple[int, int]]:
