@@ -182,30 +182,35 @@ def test_annotations_train_a_version_that_label_studio_receives(world) -> None:
         timeout_s=30,
         what="the project's model version to follow the promotion",
     )
-    ordered = [t for t in client.tasks_by_prediction_score(pid) if t["id"] in unlabelled]
-    scores = [t["predictions_score"] for t in ordered]
-    assert None not in scores, "the Prediction score column is empty for the live version"
-    assert scores == sorted(scores)  # least certain first
-    ours = {
-        p["task"]: p["score"]
-        for p in client.predictions(project_id=pid)
-        if p["model_version"] == new_version
-    }
-    assert [round(s, 4) for s in scores] == [round(ours[t["id"]], 4) for t in ordered]
-    # Those scores are the labelling order of the whole unlabelled pool, not bare margins.
+    # The scores are the labelling order of the whole unlabelled pool, not bare margins: once
+    # the refresh has ended (its predictions land as they are made, the planned places' scores
+    # are set at its end), /status has its summary.
     refresh = wait_until(
         lambda: (
             (r := backend.get("/status").get("refreshes", {}).get(str(pid)))
             and r["model_version"] == new_version
             and r
         ),
-        timeout_s=30,
+        timeout_s=60,
         what="the refresh's summary in /status",
     )
     assert refresh["scores"] == "margin-density-diversity", refresh
     # Every task unlabelled when it ran (annotating may still have been under way then).
     assert refresh["predicted"] >= len(unlabelled), refresh
     assert refresh["predicted"] + refresh["skipped"] == N_TASKS, refresh
+    ordered = [t for t in client.tasks_by_prediction_score(pid) if t["id"] in unlabelled]
+    scores = [t["predictions_score"] for t in ordered]
+    assert None not in scores, "the Prediction score column is empty for the live version"
+    assert scores == sorted(scores)  # label first first
+    ours = {
+        p["task"]: p["score"]
+        for p in client.predictions(project_id=pid)
+        if p["model_version"] == new_version
+    }
+    assert [round(s, 4) for s in scores] == [round(ours[t["id"]], 4) for t in ordered]
+    # The planned places (the horizon, 100, or the whole pool when smaller) lead, below 0.
+    planned = min(100, refresh["predicted"])
+    assert sum(score < 0 for score in ours.values()) == planned, sorted(ours.values())[:5]
 
     setup = httpx.post(
         f"{backend.url}/setup", json={"project": f"{pid}.0", "schema": world["config"]}, timeout=5
