@@ -23,7 +23,9 @@ every order: every label is trained on (the product holds 20 % out for its gate)
 starts from zeros rather than a random Linear (the problem is convex), and the scores are
 refreshed after every batch. Product orders that have not reached the target at --random-max
 labels go on (up to --max-labels) to find where they do. References (--orders): k-center and
-TypiClust, with --typiclust-shuffle to show what TypiClust owes to its k-means start. Runs on
+TypiClust, with --typiclust-shuffle to show what TypiClust owes to its k-means start; and the
+candidates tried for issue 18 (CANDIDATES, `candidate_scores`), with --strategy-seed to show
+what the randomised one (badge) owes to its seed. Runs on
 demand, not in the tests (about 11 min for the default orders on a busy 2-core machine):
 
     nice -n 10 .venv/bin/python bench/active_learning.py --record
@@ -88,7 +90,16 @@ BADGE = "badge"
 BADGE_DENSITY = "badge-density"
 CLASS_DD = "class-ewl-density-diversity"
 PROBCOVER_EWL = "probcover-ewl"
+DENSITY_THEN_EWL = "density-then-ewl-dd"
+MARGIN_SQRTD_D = "margin-sqrtdensity-diversity"
+EWL_SQRTD_D = "ewl-sqrtdensity-diversity"
+# density-then-ewl-dd: labels before this many go by density-diversity (the model-free cold
+# start), later ones by ewl-density-diversity.
+SWITCH_AT = 100
 CANDIDATES = (
+    MARGIN_SQRTD_D,
+    EWL_SQRTD_D,
+    DENSITY_THEN_EWL,
     PROBCOVER_EWL,
     EWL,
     EWL_DD,
@@ -460,11 +471,20 @@ def candidate_scores(
         return 1.0 - ewl
     if order == EWL_D:
         return 1.0 - ewl * typical
+    if order == DENSITY_THEN_EWL:
+        order = DENSITY_D if len(y_lab) < SWITCH_AT else EWL_DD
     if order == EWL_DD:
         return diversity_priority(x_unl, x_lab, ewl * typical, horizon=batch, margins=1.0 - ewl)
     if order == ENTROPY_DD:
         h = summed_entropy(q)
         return diversity_priority(x_unl, x_lab, h * typical, horizon=batch, margins=1.0 - h)
+    if order == EWL_SQRTD_D:
+        return diversity_priority(
+            x_unl, x_lab, ewl * np.sqrt(typical), horizon=batch, margins=1.0 - ewl
+        )
+    if order == MARGIN_SQRTD_D:
+        u = np.clip(1.0 - margin, 0.0, 1.0)
+        return diversity_priority(x_unl, x_lab, u * np.sqrt(typical), horizon=batch, margins=margin)
     if order == MARGIN_D2D:
         u = np.clip(1.0 - margin, 0.0, 1.0)
         return diversity_priority(x_unl, x_lab, u * typical**2, horizon=batch, margins=margin)
@@ -610,6 +630,7 @@ def render(args: argparse.Namespace, data: Data, curves: list[Curve], total: flo
             if args.typiclust_shuffle
             else ""
         )
+        + (f" (badge: strategy seed {args.strategy_seed})" if args.strategy_seed else "")
         + f". Target: the mean F1 random order reaches at {args.random_max} "
         f"labels, {target:.3f}; labels to reach it on the mean curve over the seeds (per seed: "
         f"each seed's own random F1 at {args.random_max}); saving = 1 - labels / "
