@@ -179,9 +179,12 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
         "machine; each row uses two fresh projects of the same images, both connected to the "
         "same running backend (model loaded). *preannotate* is the command as a user runs it "
         "(`labelloop preannotate --backend URL`, a new process), start to exit; *first "
-        "stored* is command start to the first predictions stored in Label Studio.\n\n"
+        "stored* is command start to the first predictions stored in Label Studio; "
+        "*labelling order*: the scores the run set and the seconds it took to set the planned "
+        "places once every prediction was stored (part of the command's time).\n\n"
         "| backbone (runtime) | uploads read | *Retrieve Predictions* | `labelloop preannotate` "
-        "| speed-up | first stored | listing / forward passes |\n|---|---|---|---|---|---|---|\n"
+        "| speed-up | first stored | listing / forward passes | labelling order |\n"
+        "|---|---|---|---|---|---|---|---|\n"
     ]
     for row in rows:
         s = row.summary
@@ -189,7 +192,8 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
             f"| {row.backbone} ({row.runtime}) | {READS[row.reads]} | "
             f"{row.retrieve_s:.1f} s ({row.stored} stored) | "
             f"{row.command_s:.1f} s ({s['predicted']} stored) | **{row.ratio:.1f}x** | "
-            f"{row.fixed_s:.2f} s | {s['list_seconds']:.1f} s / {s['forward_seconds']:.1f} s |\n"
+            f"{row.fixed_s:.2f} s | {s['list_seconds']:.1f} s / {s['forward_seconds']:.1f} s | "
+            f"{s.get('scores', 'margin')}: {s.get('order_seconds', 0.0):.1f} s |\n"
         )
     lines.append(
         "\nTargets: ≥ 5x with uploads read from disk, ≥ 3x downloaded, first stored ≤ 1.5 s. "
