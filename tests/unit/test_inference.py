@@ -38,6 +38,29 @@ def test_onnx_runtime_reproduces_pytorch(backbone: str) -> None:
     np.testing.assert_allclose(probs, _torch_probs(model, batch), atol=AGREEMENT_TOLERANCE)
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
+def test_onnx_runtime_gives_the_backbone_embeddings_with_the_probabilities(backbone: str) -> None:
+    """The labelling order ranks the pool with these: they must be what ml.embeddings computes
+    (the head's input), from the same pass as unchanged probabilities."""
+    from labelloop.ml.embeddings import head_module
+
+    torch.manual_seed(0)
+    model = build_model(backbone, 5, dropout=0.2).eval()
+    runner = build_runner(model, image_size=64)
+    batch = torch.randn(3, 3, 64, 64)
+    seen: list[torch.Tensor] = []
+    hook = head_module(model)[2].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.inference_mode():
+        model(batch)
+    hook.remove()
+    probs, features = runner.with_features(batch)
+    np.testing.assert_array_equal(probs, runner(batch))
+    assert features is not None and features.shape == tuple(seen[0].shape)
+    np.testing.assert_allclose(features, seen[0].numpy(), atol=1e-4)
+    # Eager PyTorch gives none (the order then embeds the images itself).
+    assert build_runner(model, image_size=64, runtime="torch").with_features(batch)[1] is None
+
+
 def test_torch_runtime_when_asked() -> None:
     model = build_model("resnet18", 3)
     runner = build_runner(model, image_size=32, runtime="torch")

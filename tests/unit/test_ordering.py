@@ -15,7 +15,7 @@ from PIL import Image
 from labelloop.config import PreprocessConfig
 from labelloop.labels import LabelSpace
 from labelloop.loop.ordering import LabellingOrder, PoolTask
-from labelloop.ml.embeddings import EmbeddingCache
+from labelloop.ml.embeddings import EmbeddingCache, embed_images
 from labelloop.ml.model import build_model
 from labelloop.store import ModelBundle, manifest_for
 
@@ -116,6 +116,22 @@ def test_the_planned_places_sort_before_every_margin_in_the_order_of_the_scores(
     assert list(planned) == first and 50 not in planned
     assert list(planned.values()) == [-1.0, -0.75, -0.5, -0.25]
     assert LabellingOrder(strategy="margin").planned(_model(), Fetcher(IMAGES), pool, []) == {}  # type: ignore[arg-type]
+
+
+def test_embeddings_the_forward_pass_gave_are_used_and_the_rest_embedded() -> None:
+    # The copies' vectors come from the run's forward passes (as ONNX Runtime gives them):
+    # their images are not fetched again; the distinct images are.
+    model = _model()
+    fetcher = Fetcher(IMAGES)
+    copy = embed_images(model.bundle, [("copy", IMAGES["copy0"])], None)[0][0]
+    given = {t.id: copy for t in POOL if t.url.startswith("copy")}
+    order = LabellingOrder(strategy="margin-diversity", horizon=9)
+    planned = order.planned(model, fetcher, POOL, [], features=given)  # type: ignore[arg-type]
+    assert sorted(fetcher.fetched) == sorted(f"img{i}" for i in range(8))
+    urls = {t.id: t.url for t in POOL}
+    # The same plan as with every image embedded: one copy among the nine planned places.
+    assert sum(urls[task].startswith("copy") for task in planned) == 1
+    assert planned == order.planned(model, Fetcher(IMAGES), POOL, [])  # type: ignore[arg-type]
 
 
 def test_the_pool_is_embedded_once_per_backbone(tmp_path, monkeypatch) -> None:

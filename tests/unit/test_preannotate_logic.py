@@ -12,6 +12,7 @@ import threading
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 
 from labelloop.loop.preannotate import _Pusher, tasks_to_predict
@@ -224,8 +225,9 @@ class FakeOrder:
         self.cancel = cancel
         self.seen: list[tuple[list[tuple[int, float]], list[int]]] = []
 
-    def planned(self, model, fetcher, unlabelled, labelled, *, cancel=None):
+    def planned(self, model, fetcher, unlabelled, labelled, *, cancel=None, features=None):
         self.seen.append(([(t.id, t.margin) for t in unlabelled], [t.id for t in labelled]))
+        self.features = features
         if self.outcome == "fails":
             raise RuntimeError("embedding cache on fire")
         if self.outcome == "cancelled" and self.cancel is not None:
@@ -261,11 +263,13 @@ def test_the_plan_changes_only_the_planned_scores_or_none(outcome: str) -> None:
     work = module.Work(tasks=[], skipped=0, labelled=[{"id": 2, "data": {"image": "/data/2.png"}}])
     summary = module.PreannotateSummary("v1")
     model = SimpleNamespace(version="v1")
-    module._plan(order, pool, work, "image", model, None, client, 9, cancel, summary)  # type: ignore[arg-type]
+    features = {1: np.ones(4, np.float32)}  # what the forward passes gave
+    module._plan(order, pool, features, work, "image", model, None, client, 9, cancel, summary)  # type: ignore[arg-type]
     assert order.seen == [([(1, 0.1), (3, pytest.approx(0.3)), (5, 0.5)], [2])]
+    assert order.features is features
     if outcome == "planned":
         # This version's predictions of the planned tasks only; the older version's untouched.
-        assert client.patched == [(101, -0.5), (105, -1.0)]
+        assert sorted(client.patched) == [(101, -0.5), (105, -1.0)]
         assert summary.scores == "margin-diversity"
     else:  # the pushed margins stay, and the summary says so
         assert client.patched == [] and summary.scores == "margin"

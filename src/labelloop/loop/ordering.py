@@ -80,7 +80,7 @@ class LabellingOrder:
         every unplanned task is; a labelled task whose image cannot be had is left out of the
         distances.
         """
-        return self._scores(model, fetcher, unlabelled, labelled, cancel)[0]
+        return self._scores(model, fetcher, unlabelled, labelled, cancel, {})[0]
 
     def planned(
         self,
@@ -90,13 +90,16 @@ class LabellingOrder:
         labelled: Sequence[PoolTask],
         *,
         cancel: threading.Event | None = None,
+        features: dict[int, np.ndarray] | None = None,
     ) -> dict[int, float]:
         """The places the strategy plans, as the scores Label Studio is given for them: task
         id -> -1 + j / k for the j-th of the k planned tasks, so that they sort before every
         margin (>= 0), in order. Every other task keeps its margin, which already sorts it
         where `scores` puts it (the tail is in margin order), so a run that pushed margins as
-        it went changes only these `horizon` scores afterwards."""
-        scores, k = self._scores(model, fetcher, unlabelled, labelled, cancel)
+        it went changes only these `horizon` scores afterwards. `features`: task id -> the
+        embedding the run's forward pass gave (runtime.Predictor), so those tasks' images are
+        neither fetched nor embedded again."""
+        scores, k = self._scores(model, fetcher, unlabelled, labelled, cancel, features or {})
         first = np.argsort(scores, kind="stable")[:k]
         return {unlabelled[int(i)].id: round(-1.0 + j / k, 6) for j, i in enumerate(first)}
 
@@ -107,13 +110,14 @@ class LabellingOrder:
         unlabelled: Sequence[PoolTask],
         labelled: Sequence[PoolTask],
         cancel: threading.Event | None,
+        given: dict[int, np.ndarray],
     ) -> tuple[np.ndarray, int]:
         """`scores`, and how many places they plan (those score below every other)."""
         margins = np.clip(np.array([t.margin for t in unlabelled], dtype=np.float64), 0.0, 1.0)
         if not self.needs_pool or not unlabelled:
             return margins, 0
         started = time.perf_counter()
-        pool, pool_rows = self._embed(model, fetcher, unlabelled, cancel)
+        pool, pool_rows = self._pool(model, fetcher, unlabelled, cancel, given)
         known, _ = self._embed(model, fetcher, labelled, cancel)
         n = len(pool_rows)
         horizon = min(self.horizon, n)
@@ -136,6 +140,24 @@ class LabellingOrder:
             time.perf_counter() - started,
         )
         return scores, horizon if n else 0
+
+    def _pool(
+        self,
+        model: LoadedModel,
+        fetcher: ImageFetcher,
+        tasks: Sequence[PoolTask],
+        cancel: threading.Event | None,
+        given: dict[int, np.ndarray],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`_embed` of the tasks, the `given` embeddings used as they are."""
+        missing = [i for i, t in enumerate(tasks) if t.id not in given]
+        if not given or len(missing) == len(tasks):
+            return self._embed(model, fetcher, tasks, cancel)
+        computed, computed_rows = self._embed(model, fetcher, [tasks[i] for i in missing], cancel)
+        vectors = {i: given[t.id] for i, t in enumerate(tasks) if t.id in given}
+        vectors.update({missing[int(r)]: v for r, v in zip(computed_rows, computed, strict=True)})
+        rows = np.array(sorted(vectors), dtype=np.int64)
+        return np.stack([vectors[int(i)] for i in rows]).astype(np.float32), rows
 
     def _embed(
         self,

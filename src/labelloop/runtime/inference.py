@@ -40,11 +40,15 @@ class RuntimeUnavailable(RuntimeError):
 
 
 class Runner(Protocol):
-    """Batch of normalised images (N, 3, H, W) float32 -> sigmoid probabilities (N, C)."""
+    """Batch of normalised images (N, 3, H, W) float32 -> sigmoid probabilities (N, C);
+    `with_features` also gives the head's input (N, d), the backbone embeddings, or None where
+    the runtime cannot (then they are computed apart, ml.embeddings)."""
 
     name: str
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray: ...
+
+    def with_features(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
 class TorchRunner:
@@ -62,6 +66,11 @@ class TorchRunner:
                 logits = self.model(batch)
             return torch.sigmoid(logits.float()).cpu().numpy()
 
+    def with_features(self, batch: torch.Tensor) -> tuple[np.ndarray, None]:
+        # A hook on the shared module would also catch other threads' forward passes (the
+        # embedding of annotations runs on the same model): no features from eager PyTorch.
+        return self(batch), None
+
 
 class OnnxRunner:
     name = "onnxruntime"
@@ -75,12 +84,47 @@ class OnnxRunner:
         # would fight the download workers for the cores.
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        graph, self._features = _with_head_input(graph)
         self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         self._input = self.session.get_inputs()[0].name
+        self._logits = self.session.get_outputs()[0].name
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
-        logits = self.session.run(None, {self._input: batch.contiguous().numpy()})[0]
+        logits = self.session.run([self._logits], {self._input: batch.contiguous().numpy()})[0]
         return torch.sigmoid(torch.from_numpy(logits)).numpy()
+
+    def with_features(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        if self._features is None:
+            return self(batch), None
+        logits, features = self.session.run(
+            [self._logits, self._features], {self._input: batch.contiguous().numpy()}
+        )
+        return torch.sigmoid(torch.from_numpy(logits)).numpy(), np.asarray(features, np.float32)
+
+
+def _with_head_input(graph: bytes) -> tuple[bytes, str | None]:
+    """The graph with the head's input (the backbone embedding) as a second output, and that
+    output's name; the graph unchanged and None when its logits do not come from a Gemm (a
+    Linear) fed by a 2-D tensor. The logits are computed exactly as before: only an output is
+    added, so a stored graph's check against PyTorch still holds."""
+    import onnx
+
+    try:
+        proto = onnx.load_from_string(graph)
+        logits = proto.graph.output[0].name
+        producer = next((n for n in proto.graph.node if logits in n.output), None)
+        if producer is None or producer.op_type != "Gemm":
+            return graph, None
+        features = producer.input[0]
+        if any(o.name == features for o in proto.graph.output):
+            return graph, features
+        proto.graph.output.append(
+            onnx.helper.make_tensor_value_info(features, onnx.TensorProto.FLOAT, None)
+        )
+        return proto.SerializeToString(), features
+    except Exception as exc:  # noqa: BLE001 - features are a bonus; the logits must serve
+        logger.debug("No embedding output added to the ONNX graph: %s", exc)
+        return graph, None
 
 
 def export_onnx(model: nn.Module, image_size: int) -> bytes:

@@ -108,6 +108,9 @@ class PredictStats:
     failed: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
     forward_seconds: float = 0.0
+    # Task id -> the backbone embedding its forward pass computed, when asked for and the
+    # runtime gives them (the labelling order ranks the pool with them).
+    features: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -135,11 +138,13 @@ class Predictor:
         fetcher: ImageFetcher,
         *,
         model: LoadedModel,
+        features: bool = False,
     ) -> tuple[list[TaskPrediction | list], PredictStats]:
         """One item per task, in order: a prediction, or [] when its image failed.
 
         `model` is a snapshot: a long pre-annotation run keeps one across many calls, whatever
-        is promoted meanwhile.
+        is promoted meanwhile. `features`: also keep each task's backbone embedding from the
+        same forward pass in `stats.features`, where the runtime gives it.
         """
         started = time.perf_counter()
         config, mapping = resolve_config(label_config, model.classes)
@@ -155,8 +160,11 @@ class Predictor:
             if not batch_tensors:
                 return
             t0 = time.perf_counter()
-            probs = self._forward(model, torch.stack(batch_tensors))
+            probs, vectors = self._forward(model, torch.stack(batch_tensors), features)
             stats.forward_seconds += time.perf_counter() - t0
+            if vectors is not None:
+                for position, vector in zip(batch_positions, vectors, strict=True):
+                    stats.features[tasks[position].id] = vector
             for position, prediction in zip(
                 batch_positions,
                 build_predictions(probs, model.thresholds, mapping, model.version),
@@ -204,9 +212,11 @@ class Predictor:
             )
         return results, stats
 
-    def _forward(self, model: LoadedModel, batch: torch.Tensor) -> np.ndarray:
+    def _forward(
+        self, model: LoadedModel, batch: torch.Tensor, features: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         with self._forward_lock:
-            return model.runner(batch)
+            return model.runner.with_features(batch) if features else (model.runner(batch), None)
 
     def _prepared(
         self, tasks: Sequence[Task], image_key: str, model: LoadedModel, fetcher: ImageFetcher
