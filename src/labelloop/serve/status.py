@@ -16,7 +16,7 @@ from labelloop.errors import StoreError
 from labelloop.loop.jobs import JobState
 from labelloop.loop.ledger import AnnotationLedger, Job
 from labelloop.runtime.projects import ProjectModels
-from labelloop.store import ModelStore
+from labelloop.store import Manifest, ModelStore
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +135,11 @@ def _version_row(store: ModelStore, name: str, current: str | None) -> dict[str,
     }
 
 
-def evaluation_of(store: ModelStore, version: str) -> dict[str, Any] | None:
-    """Per-class precision, recall, F1 and support of a version, and its PR curves: from the
-    gate's items for a version the loop trained, from the test split for an offline one."""
-    metrics = store.manifest(version).metrics
+def evaluation_of(store: ModelStore, manifest: Manifest) -> dict[str, Any] | None:
+    """Per-class precision, recall, F1 and support of a version of `store`, and its PR curves:
+    from the gate's items for a version the loop trained, from the test split for an offline
+    one."""
+    version, metrics = manifest.version, manifest.metrics
     evaluation = (metrics.get("incremental") or {}).get("evaluation")
     if evaluation:
         return {"source": "held-out annotations and offline test images", **evaluation}
@@ -160,12 +161,12 @@ def evaluation_of(store: ModelStore, version: str) -> dict[str, Any] | None:
     }
 
 
-def review_of(store: ModelStore, version: str) -> dict[str, Any] | None:
-    """The labels to re-check that `version`'s fast update found (loop/updates.py keeps the
+def review_of(manifest: Manifest) -> dict[str, Any] | None:
+    """The labels to re-check that a version's fast update found (loop/updates.py keeps the
     first ones with the version), or None for a version that has no list (an offline or full
     update's)."""
-    review = (store.manifest(version).metrics.get("incremental") or {}).get("review")
-    return {"version": version, **review} if isinstance(review, dict) else None
+    review = (manifest.metrics.get("incremental") or {}).get("review")
+    return {"version": manifest.version, **review} if isinstance(review, dict) else None
 
 
 def project_detail(
@@ -188,8 +189,9 @@ def project_detail(
     if served is not None:
         owner = store if current else base
         try:
-            evaluation = evaluation_of(owner, served)
-            review = review_of(owner, served)
+            manifest = owner.manifest(served)
+            evaluation = evaluation_of(owner, manifest)
+            review = review_of(manifest)
         except StoreError as exc:
             logger.warning("Project %d: cannot read %s: %s", project_id, served, exc)
     jobs = ledger.jobs(project_id=project_id, limit=30)
