@@ -151,7 +151,7 @@ class LabellingOrder:
     ) -> tuple[np.ndarray, np.ndarray]:
         """`_embed` of the tasks, the `given` embeddings used as they are."""
         missing = [i for i, t in enumerate(tasks) if t.id not in given]
-        if not given or len(missing) == len(tasks):
+        if len(missing) == len(tasks):
             return self._embed(model, fetcher, tasks, cancel)
         computed, computed_rows = self._embed(model, fetcher, [tasks[i] for i in missing], cancel)
         vectors = {i: given[t.id] for i, t in enumerate(tasks) if t.id in given}
